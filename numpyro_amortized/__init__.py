@@ -1,0 +1,38 @@
+"""numpyro_amortized: amortized Bayesian inference for NumPyro models.
+
+Decorate a NumPyro model with :func:`amortize` to declare its observed sites; the
+result is still a plain NumPyro model that also simulates training data fast and
+describes its latent space.
+"""
+
+from numpyro_amortized import networks
+from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
+from numpyro_amortized.blackbox import NumpySimulator
+from numpyro_amortized.model import AmortizedModel, amortize
+from numpyro_amortized.simulate import (
+    InvalidSimulationWarning,
+    SimulationError,
+    SimulationInfo,
+)
+from numpyro_amortized.sites import ModelTraceError, PlateInfo, SiteInfo
+from numpyro_amortized.space import LatentSpace
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AmortizedModel",
+    "BankMismatchError",
+    "InvalidSimulationWarning",
+    "LatentSpace",
+    "ModelTraceError",
+    "NumpySimulator",
+    "PlateInfo",
+    "SimulationError",
+    "SimulationInfo",
+    "SiteInfo",
+    "__version__",
+    "amortize",
+    "load_simulations",
+    "networks",
+    "save_simulations",
+]

@@ -1,0 +1,158 @@
+"""Simulation banks: save simulations with their site metadata, load them safely.
+
+A bank is one ``.npz`` file holding every simulated array plus a JSON header
+(``__bank__``) with the format version, library version, model name and the
+description of every site (shape, support, role). Loading with a model checks that
+the bank was made by a model with the same sites, shapes and supports: a bank from
+a different model is a clear error, never silently used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from numpyro_amortized.model import AmortizedModel
+from numpyro_amortized.varying import MASK_SUFFIX
+
+__all__ = ["BankMismatchError", "save_simulations", "load_simulations"]
+
+BANK_FORMAT = 1
+_HEADER = "__bank__"
+
+
+class BankMismatchError(ValueError):
+    """A simulation bank does not match the model it is loaded for."""
+
+
+def _signature(model: AmortizedModel, args: tuple, kwargs: dict) -> dict[str, Any]:
+    sites = model.describe(*args, **kwargs)
+    return {
+        "model": getattr(model.fn, "__name__", "model"),
+        "observed": list(model.observed),
+        "sites": {n: s.describe() for n, s in sites.items()},
+    }
+
+
+def save_simulations(
+    path: str | os.PathLike,
+    simulations: dict[str, np.ndarray],
+    model: AmortizedModel,
+    *args: Any,
+    overwrite: bool = False,
+    **kwargs: Any,
+) -> Path:
+    """Save a simulation dict with the model's site metadata.
+
+    Args:
+        path: file to write (``.npz`` is appended if missing).
+        simulations: output of ``model.simulate``.
+        model: the model that made them.
+        *args: model arguments used for the simulations (for the site metadata).
+        overwrite: replace an existing file.
+        **kwargs: keyword model arguments used for the simulations.
+
+    Returns:
+        The path written. The write is atomic (temporary file + rename).
+    """
+    from numpyro_amortized import __version__
+
+    path = Path(path)
+    if path.suffix != ".npz":
+        path = path.with_suffix(path.suffix + ".npz")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it.")
+    header = {
+        "format": BANK_FORMAT,
+        "library_version": __version__,
+        "num_simulations": int(len(next(iter(simulations.values())))),
+        **_signature(model, args, kwargs),
+    }
+    unknown = [
+        k
+        for k in simulations
+        if k not in header["sites"]
+        and not (k.endswith(MASK_SUFFIX) and k[: -len(MASK_SUFFIX)] in header["sites"])
+    ]
+    if unknown:
+        raise ValueError(f"Simulations hold keys {unknown} that are not model sites.")
+    arrays = {k: np.asarray(v) for k, v in simulations.items()}
+    arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_simulations(
+    path: str | os.PathLike,
+    model: AmortizedModel | None = None,
+    *args: Any,
+    **kwargs: Any,
+) -> dict[str, np.ndarray]:
+    """Load a bank; with a model, check it was made by a matching model.
+
+    Args:
+        path: a file written by :func:`save_simulations`.
+        model: if given, the sites (names, shapes, supports, observed) must match.
+        *args: model arguments (as for ``model.describe``).
+        **kwargs: keyword model arguments.
+
+    Raises:
+        BankMismatchError: the bank's sites differ from the model's.
+        ValueError: the file is not a simulation bank or has a newer format.
+    """
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable simulation bank: {e}") from e
+    with data:
+        if _HEADER not in data.files:
+            raise ValueError(f"{path} is not a numpyro_amortized simulation bank.")
+        header = json.loads(bytes(data[_HEADER]).decode())
+        if header.get("format", 0) > BANK_FORMAT:
+            raise ValueError(
+                f"{path} has bank format {header['format']}, newer than this "
+                f"library's ({BANK_FORMAT}); upgrade numpyro_amortized."
+            )
+        sims = {k: data[k] for k in data.files if k != _HEADER}
+    if model is not None:
+        _check(header, _signature(model, args, kwargs), path)
+    return sims
+
+
+def _check(saved: dict, current: dict, path: Any) -> None:
+    problems = []
+    if saved["observed"] != current["observed"]:
+        problems.append(f"observed sites {saved['observed']} vs {current['observed']}")
+    s_sites, c_sites = saved["sites"], current["sites"]
+    for n in sorted(set(s_sites) | set(c_sites)):
+        if n not in c_sites:
+            problems.append(f"site '{n}' is in the bank but not in the model")
+        elif n not in s_sites:
+            problems.append(f"site '{n}' is in the model but not in the bank")
+        else:
+            for field in ("shape", "support", "is_observed", "is_discrete"):
+                if s_sites[n][field] != c_sites[n][field]:
+                    problems.append(
+                        f"site '{n}' {field}: bank {s_sites[n][field]} vs model "
+                        f"{c_sites[n][field]}"
+                    )
+    if problems:
+        raise BankMismatchError(
+            f"The bank {path} was made by a different model (bank model "
+            f"'{saved['model']}', this model '{current['model']}'): "
+            + "; ".join(problems)
+            + ". Simulate a new bank for this model."
+        )
