@@ -81,6 +81,17 @@ def save_simulations(
     ]
     if unknown:
         raise ValueError(f"Simulations hold keys {unknown} that are not model sites.")
+    for k, v in simulations.items():
+        site = header["sites"].get(k)
+        if site is None or (k + MASK_SUFFIX) in simulations:
+            continue  # a mask, or a padded site whose shape varies
+        if list(np.shape(v)[1:]) != site["shape"]:
+            raise ValueError(
+                f"Simulations of site '{k}' have shape {np.shape(v)[1:]} per "
+                f"simulation, but the model with these arguments gives "
+                f"{tuple(site['shape'])}. Pass the model arguments the simulations "
+                "were made with."
+            )
     arrays = {k: np.asarray(v) for k, v in simulations.items()}
     arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")

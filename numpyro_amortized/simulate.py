@@ -224,14 +224,14 @@ def simulate_fixed(
         m = min(chunk, num_simulations - c * chunk)
         ok = np.ones(m, dtype=bool)
         for n, f in finite.items():
-            f = np.asarray(f[:m])
+            f = np.asarray(f)[:m]
             bad_by_site[n] += int(m - f.sum())
             ok &= f
         num_bad += int(m - ok.sum())
         keep = ok if drop_invalid else np.ones(m, dtype=bool)
         k = int(keep.sum())
         for n in shapes:
-            v = np.asarray(values[n][:m])
+            v = np.asarray(values[n])[:m]
             out[n][written : written + k] = v if k == m else v[keep]
         written += k
         bar.update(m)

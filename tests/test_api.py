@@ -1,0 +1,47 @@
+"""The public surface: what `import numpyro_amortized as na` offers."""
+
+import subprocess
+import sys
+
+import numpyro_amortized as na
+
+
+def test_public_names():
+    assert set(na.__all__) == {
+        "AmortizedModel",
+        "BankMismatchError",
+        "InvalidSimulationWarning",
+        "LatentSpace",
+        "ModelTraceError",
+        "NumpySimulator",
+        "PlateInfo",
+        "SimulationError",
+        "SimulationInfo",
+        "SiteInfo",
+        "__version__",
+        "amortize",
+        "load_simulations",
+        "networks",
+        "save_simulations",
+    }
+    for name in na.__all__:
+        assert hasattr(na, name), name
+
+
+def test_import_has_no_side_effects():
+    code = (
+        "import logging, jax; before = jax.config.jax_enable_x64;"
+        "import numpyro_amortized;"
+        "assert jax.config.jax_enable_x64 == before;"
+        "assert not logging.getLogger().handlers;"
+        "import matplotlib, sys; assert 'matplotlib.pyplot' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_demo_runs_and_checks_moments(capsys):
+    from numpyro_amortized import demo
+
+    assert demo.main(["--num-simulations", "20000"]) == 0
+    out = capsys.readouterr().out
+    assert "Var[x]" in out and "MISMATCH" not in out
