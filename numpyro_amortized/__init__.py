@@ -8,7 +8,9 @@ describes its latent space.
 from numpyro_amortized import networks
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
 from numpyro_amortized.blackbox import NumpySimulator
+from numpyro_amortized.history import History
 from numpyro_amortized.model import AmortizedModel, amortize
+from numpyro_amortized.posterior import AmortizedPosterior, NotFittedError
 from numpyro_amortized.simulate import (
     InvalidSimulationWarning,
     SimulationError,
@@ -21,10 +23,13 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AmortizedModel",
+    "AmortizedPosterior",
     "BankMismatchError",
+    "History",
     "InvalidSimulationWarning",
     "LatentSpace",
     "ModelTraceError",
+    "NotFittedError",
     "NumpySimulator",
     "PlateInfo",
     "SimulationError",

@@ -274,3 +274,24 @@ def report_invalid(info: SimulationInfo, num_bad: int) -> None:
             InvalidSimulationWarning,
             stacklevel=3,
         )
+
+
+def make_batch_simulator(
+    fn: Callable, names: Sequence[str], args: Sequence, kwargs: dict
+) -> Callable[[jax.Array, int], dict[str, jax.Array]]:
+    """A pure ``(rng_key, batch_size) -> {site: (batch_size, ...)}`` for use inside
+    ``jit`` (e.g. fresh simulations in every training step).
+
+    Simulation ``i`` uses ``fold_in(rng_key, i)``, as in ``simulate``.
+    """
+
+    def one(key: jax.Array) -> dict[str, jax.Array]:
+        trace = handlers.trace(handlers.seed(fn, key)).get_trace(*args, **kwargs)
+        return {n: trace[n]["value"] for n in names}
+
+    def batch(rng_key: jax.Array, batch_size: int) -> dict[str, jax.Array]:
+        idx = jnp.arange(batch_size, dtype=jnp.uint32)
+        keys = jax.vmap(lambda i: jax.random.fold_in(rng_key, i))(idx)
+        return jax.vmap(one)(keys)
+
+    return batch

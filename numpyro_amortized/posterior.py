@@ -1,0 +1,649 @@
+"""``AmortizedPosterior``: fit once, posteriors for any dataset in milliseconds.
+
+A thin object over the pure pieces: the model simulates, :mod:`.space` maps target
+sites to a flat unconstrained vector, :mod:`.data` turns observed sites into
+network input, :mod:`.train` runs jitted epochs, and the flow (with its summary
+network) is an nnx module split into ``(graphdef, params)`` at jit boundaries.
+
+Densities. The flow models standardized unconstrained targets
+``v = (u - m) / s`` with ``u = T^{-1}(theta)``. So
+
+    log q(theta | x) = log q_v(v | x) - sum(log s) + log|det dT^{-1}(theta)/dtheta|,
+
+which :meth:`AmortizedPosterior.log_prob` evaluates exactly.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from numpyro_amortized import networks as nets
+from numpyro_amortized.amortizer import AmortizerNetwork
+from numpyro_amortized.data import ObservationLayout, Standardizer
+from numpyro_amortized.history import History
+from numpyro_amortized.model import AmortizedModel
+from numpyro_amortized.simulate import make_batch_simulator
+from numpyro_amortized.space import LatentSpace
+from numpyro_amortized.train import (
+    TrainState,
+    default_optimizer,
+    make_epoch,
+    make_evaluate,
+    make_train_step,
+)
+from numpyro_amortized.varying import mask_key
+
+__all__ = ["AmortizedPosterior", "NotFittedError"]
+
+
+class NotFittedError(RuntimeError):
+    """The posterior was used before ``fit``."""
+
+
+class _Fitted(NamedTuple):
+    graphdef: Any
+    params: Any
+    rest: Any
+    space: LatentSpace
+    layout: ObservationLayout
+    theta_std: Standardizer
+    x_std: Standardizer
+
+
+class AmortizedPosterior:
+    """An amortized posterior ``q(targets | data)`` for a NumPyro model.
+
+    Defaults (no tuning needed for 1-20 parameters and up to a few hundred
+    observations):
+
+    * ``inference_net``: :class:`~numpyro_amortized.networks.NeuralSplineFlow`
+      (rational-quadratic spline coupling; flexible for multimodal and skewed
+      posteriors, exact densities).
+    * ``summary_net`` is chosen from the model's structure: when every observed site
+      sits in one plate, each dataset is a *set* of observations and a
+      :class:`~numpyro_amortized.networks.DeepSet` pools over that plate's axis
+      (permutation invariant, any number of observations, padding masks honoured);
+      otherwise the flattened, standardized observation is the flow's context
+      directly (fixed-size data needs no learned summary).
+
+    Training data are standardized from the bank: targets in the unconstrained
+    space (so draws always respect each site's support), and network inputs per
+    feature.
+
+    Args:
+        model: an :class:`~numpyro_amortized.AmortizedModel` (``@na.amortize``).
+        inference_net: a flow spec (default ``NeuralSplineFlow()``).
+        summary_net: a summary spec or a user nnx module called as
+            ``module(x, mask=None)``; default chosen as above.
+        targets: latent sites to infer (default: the model's targets).
+        model_args: positional model arguments for simulation and shapes.
+        model_kwargs: keyword model arguments for simulation and shapes.
+
+    Example:
+        >>> import jax, numpyro_amortized as na
+        >>> from numpyro_amortized.models import gaussian_means
+        >>> posterior = na.AmortizedPosterior(gaussian_means)
+        >>> history = posterior.fit(jax.random.key(1), num_simulations=2_000,
+        ...                         max_epochs=2, progress=False)
+        >>> x_obs = gaussian_means.simulate(jax.random.key(2), 1)["x"][0]
+        >>> posterior.sample(jax.random.key(3), {"x": x_obs}, 500)["mu"].shape
+        (500, 4)
+    """
+
+    def __init__(
+        self,
+        model: AmortizedModel,
+        inference_net: Any = None,
+        summary_net: Any = None,
+        targets: Sequence[str] | None = None,
+        *,
+        model_args: Sequence = (),
+        model_kwargs: dict | None = None,
+    ):
+        if not isinstance(model, AmortizedModel):
+            raise TypeError(
+                "AmortizedPosterior needs a model decorated with "
+                "@na.amortize(observed=[...]); got "
+                f"{type(model).__name__}."
+            )
+        if targets is not None:
+            model = AmortizedModel(model.fn, model.observed, targets)
+        self.model = model
+        self.inference_net = (
+            nets.NeuralSplineFlow() if inference_net is None else inference_net
+        )
+        self.summary_net = summary_net
+        self.model_args = tuple(model_args)
+        self.model_kwargs = dict(model_kwargs or {})
+        self.history: History | None = None
+        self._fitted: _Fitted | None = None
+        self._jitted: dict[str, Callable] = {}
+        self._train_fns: tuple = ()
+        self._validation: Any = None
+
+    # ---------------------------------------------------------------- set up
+    @property
+    def is_fitted(self) -> bool:
+        """Whether networks exist (after the first ``fit``)."""
+        return self._fitted is not None
+
+    @property
+    def space(self) -> LatentSpace:
+        """The flat unconstrained space of the targets."""
+        return self._require().space
+
+    @property
+    def layout(self) -> ObservationLayout:
+        """How observed sites become network input."""
+        return self._require().layout
+
+    def _require(self) -> _Fitted:
+        if self._fitted is None:
+            raise NotFittedError(
+                "This AmortizedPosterior has not been trained: call "
+                "posterior.fit(rng_key, num_simulations=...) (or fit_online) first."
+            )
+        return self._fitted
+
+    def _build(self, rng_key: jax.Array, sims: dict[str, np.ndarray]) -> None:
+        sites = self.model.describe(*self.model_args, **self.model_kwargs)
+        targets = self.model.target_names(*self.model_args, **self.model_kwargs)
+        space = LatentSpace.from_sites([sites[n] for n in targets])
+        layout = ObservationLayout.from_sites([sites[n] for n in self.model.observed])
+        u = self._unconstrain_bank(space, sims)
+        theta_std = Standardizer.fit(u[np.isfinite(u).all(axis=1)])
+        x, mask = layout.to_network(sims, batch_ndim=1)
+        x_std = Standardizer.fit(np.asarray(x), None if mask is None else mask)
+        summary_spec = self.summary_net
+        if summary_spec is None and layout.is_set:
+            summary_spec = nets.DeepSet()
+        init_key, flow_key = jax.random.split(rng_key)
+        summary = None
+        if summary_spec is not None:
+            if not layout.is_set and _is_set_spec(summary_spec):
+                raise ValueError(
+                    f"summary_net={summary_spec!r} expects a set of observations, but "
+                    f"the observed sites {list(layout.names)} do not share a plate. "
+                    "Use na.networks.MLP() or summary_net=None."
+                )
+            summary = nets.build_summary(
+                summary_spec,
+                layout.feature_dim,
+                rngs=nnx.Rngs(int(jax.random.randint(init_key, (), 0, 2**31 - 1))),
+            )
+            ctx_dim = nets.summary_output_dim(summary, (2, *x.shape[1:]))
+        else:
+            ctx_dim = layout.feature_dim
+        ctx_dim += int(layout.is_set)
+        flow = self.inference_net.build(
+            space.dim,
+            ctx_dim,
+            rngs=nnx.Rngs(int(jax.random.randint(flow_key, (), 0, 2**31 - 1))),
+        )
+        n_ref = layout.shapes[0][layout.set_axes[0]] if layout.is_set else 1
+        net = AmortizerNetwork(flow, summary, is_set=layout.is_set, n_ref=n_ref)
+        graphdef, params, rest = nnx.split(net, nnx.Param, ...)
+        self._fitted = _Fitted(graphdef, params, rest, space, layout, theta_std, x_std)
+        self._jitted = {}
+
+    @staticmethod
+    def _unconstrain_bank(space: LatentSpace, sims: dict) -> np.ndarray:
+        missing = [n for n in space.names if n not in sims]
+        if missing:
+            raise ValueError(
+                f"The simulations lack target site(s) {missing}; got {sorted(sims)}."
+            )
+        u, _ = jax.jit(space.unconstrain)({n: sims[n] for n in space.names})
+        return np.asarray(u)
+
+    def _prepare(self, sims: dict) -> tuple[tuple, int]:
+        """Bank -> standardized device arrays; drops non-finite rows."""
+        f = self._require()
+        u = self._unconstrain_bank(f.space, sims)
+        x, mask = f.layout.to_network(sims, batch_ndim=1)
+        x = np.asarray(x)
+        ok = np.isfinite(u).all(axis=1)
+        finite_x = np.isfinite(x)
+        if mask is not None:
+            finite_x |= ~np.asarray(mask)[..., None]
+        ok &= finite_x.reshape(len(x), -1).all(axis=1)
+        dropped = int((~ok).sum())
+        u, x = u[ok], np.where(np.isfinite(x[ok]), x[ok], 0.0)
+        mask = None if mask is None else jnp.asarray(np.asarray(mask)[ok])
+        arrays = (
+            jnp.asarray(f.theta_std(u), jnp.float32),
+            jnp.asarray(f.x_std(x), jnp.float32),
+            mask,
+        )
+        return arrays, dropped
+
+    def _loss_fn(self) -> Callable:
+        f = self._require()
+        graphdef, rest = f.graphdef, f.rest
+
+        def loss_fn(params, rng_key, batch):
+            theta, x, mask = batch
+            net = nnx.merge(graphdef, params, rest)
+            return net.loss(rng_key, theta, x, mask)
+
+        return loss_fn
+
+    # ------------------------------------------------------------- training
+    def fit(
+        self,
+        rng_key: jax.Array,
+        num_simulations: int | None = None,
+        *,
+        simulations: dict[str, np.ndarray] | None = None,
+        sample_kwargs: Callable[[jax.Array], dict] | None = None,
+        num_rounds: int = 1,
+        batch_size: int = 128,
+        max_epochs: int = 200,
+        learning_rate: float = 1e-3,
+        validation_fraction: float = 0.1,
+        patience: int = 10,
+        progress: bool = True,
+    ) -> History:
+        """Train on a fixed simulation budget (offline).
+
+        Either simulate ``num_simulations`` from the model (``num_rounds`` times: a
+        new bank per round, training continues from the previous weights), or
+        train on ``simulations``, a bank the user already has (e.g.
+        ``model.simulate`` output or :func:`~numpyro_amortized.load_simulations`).
+
+        Defaults: Adam with cosine decay over ``max_epochs`` and gradient clipping
+        at norm 1; ``validation_fraction`` of the bank held out; early stopping
+        after ``patience`` epochs without a better validation loss, restoring the
+        best weights. One epoch is one jitted ``lax.scan``. Calling ``fit`` again
+        continues training (standardization is kept from the first call).
+
+        Args:
+            rng_key: JAX PRNG key.
+            num_simulations: simulations per round (if ``simulations`` is None).
+            simulations: a bank ``{site: array}`` with a leading simulation axis.
+            sample_kwargs: per-batch model arguments for simulation (e.g. a random
+                ``n_obs``); datasets are then padded and masked.
+            num_rounds: rounds of simulate-then-train.
+            batch_size: examples per optimizer step.
+            max_epochs: upper bound on epochs per round.
+            learning_rate: peak learning rate.
+            validation_fraction: share of the bank held out (0 disables early
+                stopping).
+            patience: epochs without improvement before stopping.
+            progress: show a tqdm progress bar.
+
+        Returns:
+            The :class:`~numpyro_amortized.History` (also ``self.history``).
+        """
+        if (num_simulations is None) == (simulations is None):
+            raise ValueError("Pass exactly one of num_simulations= or simulations=.")
+        history = History()
+        start = time.perf_counter()
+        for r in range(num_rounds if simulations is None else 1):
+            key = jax.random.fold_in(rng_key, r)
+            sim_key, init_key, train_key = jax.random.split(key, 3)
+            if simulations is None:
+                sims, info = self.model.simulate(
+                    sim_key,
+                    num_simulations,
+                    *self.model_args,
+                    sample_kwargs=sample_kwargs,
+                    return_info=True,
+                    progress=progress,
+                    **self.model_kwargs,
+                )
+                history.num_invalid += info.num_invalid
+            else:
+                sims = {k: np.asarray(v) for k, v in simulations.items()}
+            if self._fitted is None:
+                self._build(init_key, sims)
+            arrays, dropped = self._prepare(sims)
+            history.num_invalid += dropped
+            self._train_round(
+                train_key,
+                arrays,
+                history,
+                start,
+                batch_size=batch_size,
+                max_epochs=max_epochs,
+                learning_rate=learning_rate,
+                validation_fraction=validation_fraction,
+                patience=patience,
+                progress=progress,
+            )
+        self.history = history
+        return history
+
+    def _train_round(
+        self,
+        rng_key: jax.Array,
+        arrays: tuple,
+        history: History,
+        start: float,
+        *,
+        batch_size: int,
+        max_epochs: int,
+        learning_rate: float,
+        validation_fraction: float,
+        patience: int,
+        progress: bool,
+    ) -> None:
+        f = self._require()
+        n = arrays[0].shape[0]
+        num_val = int(round(n * validation_fraction)) if validation_fraction else 0
+        if n - num_val < batch_size:
+            batch_size = max(1, n - num_val)
+        perm = np.asarray(jax.random.permutation(jax.random.fold_in(rng_key, 1), n))
+        train = jax.tree.map(lambda a: a[perm[num_val:]], arrays)
+        val = jax.tree.map(lambda a: a[perm[:num_val]], arrays) if num_val else None
+        history.num_simulations += n
+        steps_per_epoch = (n - num_val) // batch_size
+        optimizer = default_optimizer(learning_rate, max_epochs * steps_per_epoch)
+        loss_fn = self._loss_fn()
+        epoch = make_epoch(make_train_step(loss_fn, optimizer), batch_size)
+        evaluate = make_evaluate(loss_fn)
+        self._train_fns = (epoch, evaluate)
+        self._validation = val
+        state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
+        self._loop(
+            rng_key,
+            lambda state, key: epoch(state, train, key),
+            state,
+            val,
+            evaluate,
+            history,
+            start,
+            max_epochs=max_epochs,
+            patience=patience,
+            steps_per_epoch=steps_per_epoch,
+            progress=progress,
+        )
+
+    def _loop(
+        self,
+        rng_key: jax.Array,
+        run_epoch: Callable,
+        state: TrainState,
+        val: Any,
+        evaluate: Callable,
+        history: History,
+        start: float,
+        *,
+        max_epochs: int,
+        patience: int | None,
+        steps_per_epoch: int,
+        progress: bool,
+        unit: str = "epoch",
+    ) -> None:
+        """Epoch loop: validation, early stopping, restoring the best weights."""
+        f = self._require()
+        best_params, best_val, since_best = f.params, np.inf, 0
+        offset = history.num_epochs
+        bar = tqdm(range(max_epochs), desc="fit", unit=unit, disable=not progress)
+        for e in bar:
+            key = jax.random.fold_in(rng_key, 2 + e)
+            state, infos = run_epoch(state, key)
+            train_loss = float(jnp.mean(infos.loss))
+            history.train_loss.append(train_loss)
+            history.num_steps += steps_per_epoch
+            history.num_invalid += int(jnp.sum(infos.num_invalid))
+            postfix = {"loss": f"{train_loss:.3f}"}
+            if val is not None:
+                v = float(evaluate(state.params, val, jax.random.fold_in(key, 7)))
+                history.val_loss.append(v)
+                postfix["val_loss"] = f"{v:.3f}"
+                if v < best_val:
+                    best_val, since_best = v, 0
+                    best_params = jax.tree.map(jnp.copy, state.params)
+                    history.best_epoch = offset + e
+                else:
+                    since_best += 1
+            else:
+                best_params = state.params
+                history.best_epoch = offset + e
+            history.wall_time.append(time.perf_counter() - start)
+            bar.set_postfix(postfix)
+            if not np.isfinite(train_loss):
+                warnings.warn(
+                    "Training loss became non-finite; keeping the best weights so "
+                    "far. Try a smaller learning_rate.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                break
+            if val is not None and patience is not None and since_best >= patience:
+                history.stopped_early = True
+                break
+        bar.close()
+        self._fitted = f._replace(params=best_params)
+
+    def fit_online(
+        self,
+        rng_key: jax.Array,
+        num_steps: int = 20_000,
+        *,
+        batch_size: int = 128,
+        steps_per_epoch: int = 500,
+        learning_rate: float = 1e-3,
+        num_validation: int = 2_000,
+        patience: int | None = None,
+        progress: bool = True,
+    ) -> History:
+        """Train on fresh simulations every step (simulated inside the jitted step).
+
+        For fast simulators: no bank, no overfitting. A pilot bank of
+        ``num_validation`` simulations sets the standardization (on the first
+        call) and is the validation set; the best weights by validation loss are
+        kept. Simulations with NaN/inf get zero weight and are counted in
+        ``History.num_invalid``. Model arguments are the posterior's fixed
+        ``model_args`` / ``model_kwargs``.
+
+        Args:
+            rng_key: JAX PRNG key.
+            num_steps: optimizer steps.
+            batch_size: fresh simulations per step.
+            steps_per_epoch: steps per jitted ``lax.scan`` (one history entry).
+            learning_rate: peak learning rate (cosine decay over ``num_steps``).
+            num_validation: size of the pilot / validation bank.
+            patience: stop after this many epochs without improvement (None: run
+                all steps).
+            progress: show a progress bar.
+        """
+        history = History()
+        start = time.perf_counter()
+        pilot_key, init_key, train_key = jax.random.split(rng_key, 3)
+        sims, info = self.model.simulate(
+            pilot_key,
+            num_validation,
+            *self.model_args,
+            return_info=True,
+            progress=False,
+            **self.model_kwargs,
+        )
+        if self._fitted is None:
+            self._build(init_key, sims)
+        val, dropped = self._prepare(sims)
+        f = self._require()
+        space, layout, theta_std, x_std = f.space, f.layout, f.theta_std, f.x_std
+        simulate_batch = make_batch_simulator(
+            self.model.fn,
+            tuple(dict.fromkeys(space.names + layout.names)),
+            self.model_args,
+            self.model_kwargs,
+        )
+
+        def preprocess(values):
+            u, _ = space.unconstrain({n: values[n] for n in space.names})
+            x, mask = layout.to_network(values, 1)
+            ok = jnp.isfinite(u).all(-1) & jnp.isfinite(x).reshape(len(x), -1).all(-1)
+            u = jnp.where(ok[:, None], u, 0.0)
+            x = jnp.where(ok.reshape(-1, *(1,) * (x.ndim - 1)), x, 0.0)
+            return (theta_std(u), x_std(x), mask), ok.astype(jnp.float32)
+
+        num_epochs = -(-num_steps // steps_per_epoch)
+        optimizer = default_optimizer(learning_rate, num_epochs * steps_per_epoch)
+        loss_fn = self._loss_fn()
+        step = make_train_step(loss_fn, optimizer)
+
+        @jax.jit
+        def run_epoch(state, key):
+            def body(state, k):
+                sim_key, loss_key = jax.random.split(k)
+                inputs, weights = preprocess(simulate_batch(sim_key, batch_size))
+                return step(state, (inputs, weights), loss_key)
+
+            return jax.lax.scan(body, state, jax.random.split(key, steps_per_epoch))
+
+        evaluate = make_evaluate(loss_fn)
+        self._train_fns = (run_epoch, evaluate)
+        self._validation = val
+        history.num_invalid += info.num_invalid + dropped
+        history.num_simulations = num_epochs * steps_per_epoch * batch_size
+        state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
+        self._loop(
+            train_key,
+            run_epoch,
+            state,
+            val,
+            evaluate,
+            history,
+            start,
+            max_epochs=num_epochs,
+            patience=patience,
+            steps_per_epoch=steps_per_epoch,
+            progress=progress,
+        )
+        self.history = history
+        return history
+
+    # ------------------------------------------------------------- inference
+    def _data_arrays(self, data: dict) -> tuple[tuple[int, ...], jax.Array, Any]:
+        f = self._require()
+        if not isinstance(data, dict):
+            raise TypeError(
+                f"data must be a dict {{site: array}} with the observed sites "
+                f"{list(f.layout.names)}; got {type(data).__name__}."
+            )
+        batch = f.layout.batch_shape(data)
+        f.layout.check_finite(data)
+        x, mask = f.layout.to_network(data, len(batch))
+        return batch, x, mask
+
+    def _jit(self, name: str, fn: Callable, **kw) -> Callable:
+        if name not in self._jitted:
+            self._jitted[name] = jax.jit(fn, **kw)
+        return self._jitted[name]
+
+    def sample(
+        self, rng_key: jax.Array, data: dict, num_samples: int = 1000
+    ) -> dict[str, jax.Array]:
+        """Posterior draws of the targets, in the constrained space.
+
+        Args:
+            rng_key: JAX PRNG key.
+            data: ``{observed site: array}`` for one dataset, or with leading
+                dataset axes (a batch of datasets).
+            num_samples: draws per dataset.
+
+        Returns:
+            ``{target: (*batch, num_samples, *site_shape)}``. In a batch, dataset
+            ``b`` (flat index) gets exactly the draws of
+            ``sample(jax.random.split(rng_key, B)[b], data_b, num_samples)``.
+        """
+        f = self._require()
+        batch, x, mask = self._data_arrays(data)
+        graphdef, rest, space = f.graphdef, f.rest, f.space
+
+        def draw(params, theta_std, x_std, key, x, mask, num_samples):
+            net = nnx.merge(graphdef, params, rest)
+            ctx = net.context(x_std(x), mask)
+            batch = ctx.shape[:-1]
+            if not batch:
+                v = net.flow.sample(key, ctx, num_samples)  # (S, D)
+            else:  # dataset b (flat index) uses split(key, B)[b]
+                flat_ctx = ctx.reshape(-1, ctx.shape[-1])
+                keys = jax.random.split(key, flat_ctx.shape[0])
+                v = jax.vmap(lambda k, c: net.flow.sample(k, c, num_samples))(
+                    keys, flat_ctx
+                )  # (B, S, D)
+                v = v.reshape(*batch, num_samples, v.shape[-1])
+            return space.constrain(theta_std.inverse(v))[0]
+
+        fn = self._jit(f"sample{len(batch)}", draw, static_argnames="num_samples")
+        return fn(f.params, f.theta_std, f.x_std, rng_key, x, mask, num_samples)
+
+    def log_prob(self, params: dict, data: dict) -> jax.Array:
+        """``log q(params | data)`` in the constrained space, exact Jacobians.
+
+        Args:
+            params: ``{target: array}`` with shape ``(*batch, *extra, *site_shape)``
+                where ``batch`` are the data's dataset axes (none for one dataset)
+                and ``extra`` any further axes (e.g. draws).
+            data: observed data as for :meth:`sample`.
+
+        Returns:
+            Log densities of shape ``(*batch, *extra)``.
+        """
+        f = self._require()
+        batch, x, mask = self._data_arrays(data)
+        graphdef, rest, space = f.graphdef, f.rest, f.space
+
+        def density(net_params, theta_std, x_std, theta, x, mask):
+            net = nnx.merge(graphdef, net_params, rest)
+            ctx = net.context(x_std(x), mask)
+            u, log_det = space.unconstrain(theta)
+            extra = u.ndim - ctx.ndim
+            ctx = ctx.reshape(*ctx.shape[:-1], *(1,) * max(extra, 0), ctx.shape[-1])
+            lp = net.flow.log_prob(theta_std(u), ctx)
+            return lp - theta_std.log_scale + log_det
+
+        fn = self._jit("log_prob", density)
+        return fn(f.params, f.theta_std, f.x_std, params, x, mask)
+
+    def summarize(self, data: dict) -> jax.Array:
+        """The learned summary statistics of ``data``: ``(*batch, summary_dim)``.
+
+        Without a summary network this is the standardized flat observation.
+        """
+        f = self._require()
+        _, x, mask = self._data_arrays(data)
+        graphdef, rest = f.graphdef, f.rest
+
+        def summ(params, x_std, x, mask):
+            net = nnx.merge(graphdef, params, rest)
+            xs = x_std(x)
+            return xs if net.summary is None else net.summary(xs, mask=mask)
+
+        return self._jit("summarize", summ)(f.params, f.x_std, x, mask)
+
+    def to_inference_data(
+        self, rng_key: jax.Array, data: dict, num_samples: int = 1000
+    ) -> Any:
+        """Draws as ``arviz.InferenceData`` (``posterior`` + ``observed_data``).
+
+        A batch of datasets gets a ``dataset`` dimension; site dimensions are named
+        after their plates.
+        """
+        from numpyro_amortized.inference_data import posterior_to_inference_data
+
+        draws = self.sample(rng_key, data, num_samples)
+        batch = self._require().layout.batch_shape(data)
+        sites = self.model.describe(*self.model_args, **self.model_kwargs)
+        observed = {n: data[n] for n in self.model.observed}
+        for n in self.model.observed:
+            if mask_key(n) in data:
+                observed[mask_key(n)] = data[mask_key(n)]
+        return posterior_to_inference_data(draws, observed, sites, len(batch))
+
+
+def _is_set_spec(spec: Any) -> bool:
+    return isinstance(spec, nets.DeepSet | nets.SetTransformer | nets.TimeSeriesNetwork)
