@@ -1,0 +1,60 @@
+"""Flax (nnx) normalizing flows and summary networks.
+
+What users pass are frozen, serializable *specs* (``NeuralSplineFlow(num_layers=6)``,
+``DeepSet(summary_dim=16)``); ``spec.build(...)`` makes the nnx module once the
+model's dimensions are known:
+
+* flows: ``spec.build(num_params, context_dim, *, rngs)`` -> module with
+  ``forward_and_log_det``, ``inverse_and_log_det``, ``log_prob``, ``sample``,
+  ``sample_and_log_prob`` and ``loss`` (see :mod:`.base`);
+* summaries: ``spec.build(input_dim, *, rngs)`` -> module called as
+  ``module(x, mask=None) -> (..., summary_dim)`` (see :mod:`.summary`); a user's own
+  nnx module with that call protocol works too.
+
+``spec.to_config()`` / :func:`spec_from_config` round-trip specs through plain dicts.
+"""
+
+from .base import FlowModule, is_flow_module, standard_normal_log_prob
+from .coupling import CouplingFlow, CouplingFlowModule
+from .deep_set import DeepSet, DeepSetModule
+from .flow_matching import FlowMatching, FlowMatchingModule
+from .mlp import MLP, DenseNetwork, MLPSummary
+from .registry import SPECS, register_spec, spec_from_config
+from .set_transformer import SetTransformer, SetTransformerModule
+from .spline_flow import NeuralSplineFlow
+from .summary import build_summary, is_summary_module, summary_output_dim
+from .time_series import TimeSeriesModule, TimeSeriesNetwork
+
+FLOW_SPECS: tuple[type, ...] = (NeuralSplineFlow, CouplingFlow, FlowMatching)
+"""All flow spec classes (tests and benchmarks iterate over this)."""
+
+SUMMARY_SPECS: tuple[type, ...] = (DeepSet, SetTransformer, TimeSeriesNetwork, MLP)
+"""All summary spec classes."""
+
+__all__ = [
+    "FLOW_SPECS",
+    "MLP",
+    "SPECS",
+    "SUMMARY_SPECS",
+    "CouplingFlow",
+    "CouplingFlowModule",
+    "DeepSet",
+    "DeepSetModule",
+    "DenseNetwork",
+    "FlowMatching",
+    "FlowMatchingModule",
+    "FlowModule",
+    "MLPSummary",
+    "NeuralSplineFlow",
+    "SetTransformer",
+    "SetTransformerModule",
+    "TimeSeriesModule",
+    "TimeSeriesNetwork",
+    "build_summary",
+    "is_flow_module",
+    "is_summary_module",
+    "register_spec",
+    "spec_from_config",
+    "standard_normal_log_prob",
+    "summary_output_dim",
+]
