@@ -15,8 +15,6 @@ which :meth:`AmortizedPosterior.log_prob` evaluates exactly.
 
 from __future__ import annotations
 
-import time
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -24,22 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm.auto import tqdm
 
 from numpyro_amortized import networks as nets
 from numpyro_amortized.amortizer import AmortizerNetwork
 from numpyro_amortized.data import ObservationLayout, Standardizer
 from numpyro_amortized.history import History
 from numpyro_amortized.model import AmortizedModel
-from numpyro_amortized.simulate import make_batch_simulator
 from numpyro_amortized.space import LatentSpace
-from numpyro_amortized.train import (
-    TrainState,
-    default_optimizer,
-    make_epoch,
-    make_evaluate,
-    make_train_step,
-)
 from numpyro_amortized.varying import mask_key
 
 __all__ = ["AmortizedPosterior", "NotFittedError"]
@@ -284,147 +273,22 @@ class AmortizedPosterior:
         Returns:
             The :class:`~numpyro_amortized.History` (also ``self.history``).
         """
-        if (num_simulations is None) == (simulations is None):
-            raise ValueError("Pass exactly one of num_simulations= or simulations=.")
-        history = History()
-        start = time.perf_counter()
-        for r in range(num_rounds if simulations is None else 1):
-            key = jax.random.fold_in(rng_key, r)
-            sim_key, init_key, train_key = jax.random.split(key, 3)
-            if simulations is None:
-                sims, info = self.model.simulate(
-                    sim_key,
-                    num_simulations,
-                    *self.model_args,
-                    sample_kwargs=sample_kwargs,
-                    return_info=True,
-                    progress=progress,
-                    **self.model_kwargs,
-                )
-                history.num_invalid += info.num_invalid
-            else:
-                sims = {k: np.asarray(v) for k, v in simulations.items()}
-            if self._fitted is None:
-                self._build(init_key, sims)
-            arrays, dropped = self._prepare(sims)
-            history.num_invalid += dropped
-            self._train_round(
-                train_key,
-                arrays,
-                history,
-                start,
-                batch_size=batch_size,
-                max_epochs=max_epochs,
-                learning_rate=learning_rate,
-                validation_fraction=validation_fraction,
-                patience=patience,
-                progress=progress,
-            )
-        self.history = history
-        return history
+        from numpyro_amortized import fitting
 
-    def _train_round(
-        self,
-        rng_key: jax.Array,
-        arrays: tuple,
-        history: History,
-        start: float,
-        *,
-        batch_size: int,
-        max_epochs: int,
-        learning_rate: float,
-        validation_fraction: float,
-        patience: int,
-        progress: bool,
-    ) -> None:
-        f = self._require()
-        n = arrays[0].shape[0]
-        num_val = int(round(n * validation_fraction)) if validation_fraction else 0
-        if n - num_val < batch_size:
-            batch_size = max(1, n - num_val)
-        perm = np.asarray(jax.random.permutation(jax.random.fold_in(rng_key, 1), n))
-        train = jax.tree.map(lambda a: a[perm[num_val:]], arrays)
-        val = jax.tree.map(lambda a: a[perm[:num_val]], arrays) if num_val else None
-        history.num_simulations += n
-        steps_per_epoch = (n - num_val) // batch_size
-        optimizer = default_optimizer(learning_rate, max_epochs * steps_per_epoch)
-        loss_fn = self._loss_fn()
-        epoch = make_epoch(make_train_step(loss_fn, optimizer), batch_size)
-        evaluate = make_evaluate(loss_fn)
-        self._train_fns = (epoch, evaluate)
-        self._validation = val
-        state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
-        self._loop(
+        return fitting.fit_offline(
+            self,
             rng_key,
-            lambda state, key: epoch(state, train, key),
-            state,
-            val,
-            evaluate,
-            history,
-            start,
+            num_simulations,
+            simulations=simulations,
+            sample_kwargs=sample_kwargs,
+            num_rounds=num_rounds,
+            batch_size=batch_size,
             max_epochs=max_epochs,
+            learning_rate=learning_rate,
+            validation_fraction=validation_fraction,
             patience=patience,
-            steps_per_epoch=steps_per_epoch,
             progress=progress,
         )
-
-    def _loop(
-        self,
-        rng_key: jax.Array,
-        run_epoch: Callable,
-        state: TrainState,
-        val: Any,
-        evaluate: Callable,
-        history: History,
-        start: float,
-        *,
-        max_epochs: int,
-        patience: int | None,
-        steps_per_epoch: int,
-        progress: bool,
-        unit: str = "epoch",
-    ) -> None:
-        """Epoch loop: validation, early stopping, restoring the best weights."""
-        f = self._require()
-        best_params, best_val, since_best = f.params, np.inf, 0
-        offset = history.num_epochs
-        bar = tqdm(range(max_epochs), desc="fit", unit=unit, disable=not progress)
-        for e in bar:
-            key = jax.random.fold_in(rng_key, 2 + e)
-            state, infos = run_epoch(state, key)
-            train_loss = float(jnp.mean(infos.loss))
-            history.train_loss.append(train_loss)
-            history.num_steps += steps_per_epoch
-            history.num_invalid += int(jnp.sum(infos.num_invalid))
-            postfix = {"loss": f"{train_loss:.3f}"}
-            if val is not None:
-                v = float(evaluate(state.params, val, jax.random.fold_in(key, 7)))
-                history.val_loss.append(v)
-                postfix["val_loss"] = f"{v:.3f}"
-                if v < best_val:
-                    best_val, since_best = v, 0
-                    best_params = jax.tree.map(jnp.copy, state.params)
-                    history.best_epoch = offset + e
-                else:
-                    since_best += 1
-            else:
-                best_params = state.params
-                history.best_epoch = offset + e
-            history.wall_time.append(time.perf_counter() - start)
-            bar.set_postfix(postfix)
-            if not np.isfinite(train_loss):
-                warnings.warn(
-                    "Training loss became non-finite; keeping the best weights so "
-                    "far. Try a smaller learning_rate.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                break
-            if val is not None and patience is not None and since_best >= patience:
-                history.stopped_early = True
-                break
-        bar.close()
-        self._fitted = f._replace(params=best_params)
 
     def fit_online(
         self,
@@ -458,72 +322,19 @@ class AmortizedPosterior:
                 all steps).
             progress: show a progress bar.
         """
-        history = History()
-        start = time.perf_counter()
-        pilot_key, init_key, train_key = jax.random.split(rng_key, 3)
-        sims, info = self.model.simulate(
-            pilot_key,
-            num_validation,
-            *self.model_args,
-            return_info=True,
-            progress=False,
-            **self.model_kwargs,
-        )
-        if self._fitted is None:
-            self._build(init_key, sims)
-        val, dropped = self._prepare(sims)
-        f = self._require()
-        space, layout, theta_std, x_std = f.space, f.layout, f.theta_std, f.x_std
-        simulate_batch = make_batch_simulator(
-            self.model.fn,
-            tuple(dict.fromkeys(space.names + layout.names)),
-            self.model_args,
-            self.model_kwargs,
-        )
+        from numpyro_amortized import fitting
 
-        def preprocess(values):
-            u, _ = space.unconstrain({n: values[n] for n in space.names})
-            x, mask = layout.to_network(values, 1)
-            ok = jnp.isfinite(u).all(-1) & jnp.isfinite(x).reshape(len(x), -1).all(-1)
-            u = jnp.where(ok[:, None], u, 0.0)
-            x = jnp.where(ok.reshape(-1, *(1,) * (x.ndim - 1)), x, 0.0)
-            return (theta_std(u), x_std(x), mask), ok.astype(jnp.float32)
-
-        num_epochs = -(-num_steps // steps_per_epoch)
-        optimizer = default_optimizer(learning_rate, num_epochs * steps_per_epoch)
-        loss_fn = self._loss_fn()
-        step = make_train_step(loss_fn, optimizer)
-
-        @jax.jit
-        def run_epoch(state, key):
-            def body(state, k):
-                sim_key, loss_key = jax.random.split(k)
-                inputs, weights = preprocess(simulate_batch(sim_key, batch_size))
-                return step(state, (inputs, weights), loss_key)
-
-            return jax.lax.scan(body, state, jax.random.split(key, steps_per_epoch))
-
-        evaluate = make_evaluate(loss_fn)
-        self._train_fns = (run_epoch, evaluate)
-        self._validation = val
-        history.num_invalid += info.num_invalid + dropped
-        history.num_simulations = num_epochs * steps_per_epoch * batch_size
-        state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
-        self._loop(
-            train_key,
-            run_epoch,
-            state,
-            val,
-            evaluate,
-            history,
-            start,
-            max_epochs=num_epochs,
-            patience=patience,
+        return fitting.fit_online(
+            self,
+            rng_key,
+            num_steps,
+            batch_size=batch_size,
             steps_per_epoch=steps_per_epoch,
+            learning_rate=learning_rate,
+            num_validation=num_validation,
+            patience=patience,
             progress=progress,
         )
-        self.history = history
-        return history
 
     # ------------------------------------------------------------- inference
     def _data_arrays(self, data: dict) -> tuple[tuple[int, ...], jax.Array, Any]:

@@ -1,0 +1,278 @@
+"""Training loops behind ``AmortizedPosterior.fit`` and ``fit_online``.
+
+Functions of the posterior object: they simulate or take a bank, build the networks
+on first use (``post._build``), standardize (``post._prepare``) and run jitted epochs
+from :mod:`numpyro_amortized.train`, keeping the best weights by validation loss.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from numpyro_amortized.history import History
+from numpyro_amortized.simulate import make_batch_simulator
+from numpyro_amortized.train import (
+    TrainState,
+    default_optimizer,
+    make_epoch,
+    make_evaluate,
+    make_train_step,
+)
+
+if TYPE_CHECKING:
+    from numpyro_amortized.posterior import AmortizedPosterior
+
+__all__ = ["fit_offline", "fit_online", "run_epochs", "train_round"]
+
+
+def fit_offline(
+    post: AmortizedPosterior,
+    rng_key: jax.Array,
+    num_simulations: int | None,
+    *,
+    simulations: dict[str, np.ndarray] | None,
+    sample_kwargs: Callable[[jax.Array], dict] | None,
+    num_rounds: int,
+    batch_size: int,
+    max_epochs: int,
+    learning_rate: float,
+    validation_fraction: float,
+    patience: int,
+    progress: bool,
+) -> History:
+    """Body of :meth:`AmortizedPosterior.fit` (see its docstring)."""
+    if (num_simulations is None) == (simulations is None):
+        raise ValueError("Pass exactly one of num_simulations= or simulations=.")
+    history = History()
+    start = time.perf_counter()
+    for r in range(num_rounds if simulations is None else 1):
+        key = jax.random.fold_in(rng_key, r)
+        sim_key, init_key, train_key = jax.random.split(key, 3)
+        if simulations is None:
+            sims, info = post.model.simulate(
+                sim_key,
+                num_simulations,
+                *post.model_args,
+                sample_kwargs=sample_kwargs,
+                return_info=True,
+                progress=progress,
+                **post.model_kwargs,
+            )
+            history.num_invalid += info.num_invalid
+        else:
+            sims = {k: np.asarray(v) for k, v in simulations.items()}
+        if post._fitted is None:
+            post._build(init_key, sims)
+        arrays, dropped = post._prepare(sims)
+        history.num_invalid += dropped
+        train_round(
+            post,
+            train_key,
+            arrays,
+            history,
+            start,
+            batch_size=batch_size,
+            max_epochs=max_epochs,
+            learning_rate=learning_rate,
+            validation_fraction=validation_fraction,
+            patience=patience,
+            progress=progress,
+        )
+    post.history = history
+    return history
+
+
+def train_round(
+    post: AmortizedPosterior,
+    rng_key: jax.Array,
+    arrays: tuple,
+    history: History,
+    start: float,
+    *,
+    batch_size: int,
+    max_epochs: int,
+    learning_rate: float,
+    validation_fraction: float,
+    patience: int,
+    progress: bool,
+) -> None:
+    f = post._require()
+    n = arrays[0].shape[0]
+    num_val = int(round(n * validation_fraction)) if validation_fraction else 0
+    if n - num_val < batch_size:
+        batch_size = max(1, n - num_val)
+    perm = np.asarray(jax.random.permutation(jax.random.fold_in(rng_key, 1), n))
+    train = jax.tree.map(lambda a: a[perm[num_val:]], arrays)
+    val = jax.tree.map(lambda a: a[perm[:num_val]], arrays) if num_val else None
+    history.num_simulations += n
+    steps_per_epoch = (n - num_val) // batch_size
+    optimizer = default_optimizer(learning_rate, max_epochs * steps_per_epoch)
+    loss_fn = post._loss_fn()
+    epoch = make_epoch(make_train_step(loss_fn, optimizer), batch_size)
+    evaluate = make_evaluate(loss_fn)
+    post._train_fns = (epoch, evaluate)
+    post._validation = val
+    state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
+    run_epochs(
+        post,
+        rng_key,
+        lambda state, key: epoch(state, train, key),
+        state,
+        val,
+        evaluate,
+        history,
+        start,
+        max_epochs=max_epochs,
+        patience=patience,
+        steps_per_epoch=steps_per_epoch,
+        progress=progress,
+    )
+
+
+def run_epochs(
+    post: AmortizedPosterior,
+    rng_key: jax.Array,
+    run_epoch: Callable,
+    state: TrainState,
+    val: Any,
+    evaluate: Callable,
+    history: History,
+    start: float,
+    *,
+    max_epochs: int,
+    patience: int | None,
+    steps_per_epoch: int,
+    progress: bool,
+    unit: str = "epoch",
+) -> None:
+    """Epoch loop: validation, early stopping, restoring the best weights."""
+    f = post._require()
+    best_params, best_val, since_best = f.params, np.inf, 0
+    offset = history.num_epochs
+    bar = tqdm(range(max_epochs), desc="fit", unit=unit, disable=not progress)
+    for e in bar:
+        key = jax.random.fold_in(rng_key, 2 + e)
+        state, infos = run_epoch(state, key)
+        train_loss = float(jnp.mean(infos.loss))
+        history.train_loss.append(train_loss)
+        history.num_steps += steps_per_epoch
+        history.num_invalid += int(jnp.sum(infos.num_invalid))
+        postfix = {"loss": f"{train_loss:.3f}"}
+        if val is not None:
+            v = float(evaluate(state.params, val, jax.random.fold_in(key, 7)))
+            history.val_loss.append(v)
+            postfix["val_loss"] = f"{v:.3f}"
+            if v < best_val:
+                best_val, since_best = v, 0
+                best_params = jax.tree.map(jnp.copy, state.params)
+                history.best_epoch = offset + e
+            else:
+                since_best += 1
+        else:
+            best_params = state.params
+            history.best_epoch = offset + e
+        history.wall_time.append(time.perf_counter() - start)
+        bar.set_postfix(postfix)
+        if not np.isfinite(train_loss):
+            warnings.warn(
+                "Training loss became non-finite; keeping the best weights so "
+                "far. Try a smaller learning_rate.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            break
+        if val is not None and patience is not None and since_best >= patience:
+            history.stopped_early = True
+            break
+    bar.close()
+    post._fitted = f._replace(params=best_params)
+
+
+def fit_online(
+    post: AmortizedPosterior,
+    rng_key: jax.Array,
+    num_steps: int,
+    *,
+    batch_size: int,
+    steps_per_epoch: int,
+    learning_rate: float,
+    num_validation: int,
+    patience: int | None,
+    progress: bool,
+) -> History:
+    """Body of :meth:`AmortizedPosterior.fit_online` (see its docstring)."""
+    history = History()
+    start = time.perf_counter()
+    pilot_key, init_key, train_key = jax.random.split(rng_key, 3)
+    sims, info = post.model.simulate(
+        pilot_key,
+        num_validation,
+        *post.model_args,
+        return_info=True,
+        progress=False,
+        **post.model_kwargs,
+    )
+    if post._fitted is None:
+        post._build(init_key, sims)
+    val, dropped = post._prepare(sims)
+    f = post._require()
+    space, layout, theta_std, x_std = f.space, f.layout, f.theta_std, f.x_std
+    simulate_batch = make_batch_simulator(
+        post.model.fn,
+        tuple(dict.fromkeys(space.names + layout.names)),
+        post.model_args,
+        post.model_kwargs,
+    )
+
+    def preprocess(values):
+        u, _ = space.unconstrain({n: values[n] for n in space.names})
+        x, mask = layout.to_network(values, 1)
+        ok = jnp.isfinite(u).all(-1) & jnp.isfinite(x).reshape(len(x), -1).all(-1)
+        u = jnp.where(ok[:, None], u, 0.0)
+        x = jnp.where(ok.reshape(-1, *(1,) * (x.ndim - 1)), x, 0.0)
+        return (theta_std(u), x_std(x), mask), ok.astype(jnp.float32)
+
+    num_epochs = -(-num_steps // steps_per_epoch)
+    optimizer = default_optimizer(learning_rate, num_epochs * steps_per_epoch)
+    loss_fn = post._loss_fn()
+    step = make_train_step(loss_fn, optimizer)
+
+    @jax.jit
+    def run_epoch(state, key):
+        def body(state, k):
+            sim_key, loss_key = jax.random.split(k)
+            inputs, weights = preprocess(simulate_batch(sim_key, batch_size))
+            return step(state, (inputs, weights), loss_key)
+
+        return jax.lax.scan(body, state, jax.random.split(key, steps_per_epoch))
+
+    evaluate = make_evaluate(loss_fn)
+    post._train_fns = (run_epoch, evaluate)
+    post._validation = val
+    history.num_invalid += info.num_invalid + dropped
+    history.num_simulations = num_epochs * steps_per_epoch * batch_size
+    state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
+    run_epochs(
+        post,
+        train_key,
+        run_epoch,
+        state,
+        val,
+        evaluate,
+        history,
+        start,
+        max_epochs=num_epochs,
+        patience=patience,
+        steps_per_epoch=steps_per_epoch,
+        progress=progress,
+    )
+    post.history = history
+    return history
