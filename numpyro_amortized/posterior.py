@@ -239,7 +239,7 @@ class AmortizedPosterior:
         max_epochs: int = 200,
         learning_rate: float = 1e-3,
         validation_fraction: float = 0.1,
-        patience: int = 10,
+        patience: int = 20,
         progress: bool = True,
     ) -> History:
         """Train on a fixed simulation budget (offline).
