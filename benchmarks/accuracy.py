@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -110,7 +112,13 @@ def support_report(task: str, draws: np.ndarray) -> dict:
     return out
 
 
-def run_one(task: str, budget: int, observations: list[int], seed: int) -> dict:
+def run_one(
+    task: str,
+    budget: int,
+    observations: list[int],
+    seed: int,
+    save_draws: Path | None = None,
+) -> dict:
     model = TASKS[task]
     posterior = na.AmortizedPosterior(model)
     fit_key = jax.random.fold_in(jax.random.key(seed), budget)
@@ -134,6 +142,9 @@ def run_one(task: str, budget: int, observations: list[int], seed: int) -> dict:
     sample_s = time.perf_counter() - start  # includes compilation
     assert draws.shape[:2] == (len(observations), NUM_SAMPLES), draws.shape
     support = support_report(task, draws)
+    if save_draws is not None:
+        save_draws.mkdir(parents=True, exist_ok=True)
+        np.save(save_draws / f"{task}_{budget}.npy", draws)
 
     scores, c2st_s = [], []
     for i, k in enumerate(observations):
@@ -155,6 +166,8 @@ def run_one(task: str, budget: int, observations: list[int], seed: int) -> dict:
         "c2st_mean": float(np.mean(scores)),
         "c2st_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
         "published_npe": PUBLISHED_NPE.get(task, {}).get(budget),
+        "inference_net": repr(posterior.inference_net),
+        "summary_net": repr(posterior.summary_net),
         "fit_wall_s": fit_s,
         "history_wall_s": history.wall_time[-1] if history.wall_time else None,
         "num_epochs": history.num_epochs,
@@ -183,6 +196,35 @@ def c2st_floor(observation: int = 1) -> dict:
     wall = time.perf_counter() - start
     print(f"[c2st sanity] gaussian_linear obs {observation}: ref vs exact {score:.4f}")
     return {"observation": observation, "c2st_ref_vs_exact": score, "wall_s": wall}
+
+
+def library_state() -> dict:
+    """The library's git commit (read-only query) and ``fit``'s default arguments."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "numpyro_amortized"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        commit, dirty = "", ""
+    params = inspect.signature(na.AmortizedPosterior.fit).parameters
+    defaults = {
+        n: p.default
+        for n, p in params.items()
+        if p.default is not inspect.Parameter.empty
+        and isinstance(p.default, int | float | bool)
+    }
+    return {
+        "git_commit": commit or None,
+        "library_modified": bool(dirty),
+        "fit_defaults": defaults,
+    }
 
 
 def table(results: list[dict]) -> str:
@@ -219,6 +261,9 @@ def main() -> None:
     parser.add_argument("--num-observations", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--save-draws", type=Path, default=None, help="folder for posterior draws"
+    )
     parser.add_argument("--no-sanity", action="store_true", help="skip the C2ST check")
     args = parser.parse_args()
 
@@ -241,6 +286,7 @@ def main() -> None:
         "numpyro_amortized": getattr(na, "__version__", "unknown"),
         "sklearn": sklearn.__version__,
         "sbibm_dir": str(sbibm_dir()),
+        "library": library_state(),
         "settings": {
             "tasks": args.tasks,
             "budgets": list(budgets),
@@ -267,7 +313,9 @@ def main() -> None:
     total = time.perf_counter()
     for task in args.tasks:
         for budget in budgets:
-            report["results"].append(run_one(task, budget, observations, args.seed))
+            report["results"].append(
+                run_one(task, budget, observations, args.seed, args.save_draws)
+            )
             save()
     report["total_wall_s"] = time.perf_counter() - total
     save()
