@@ -5,7 +5,7 @@ result is still a plain NumPyro model that also simulates training data fast and
 describes its latent space.
 """
 
-from numpyro_amortized import networks
+from numpyro_amortized import diagnostics, networks
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
 from numpyro_amortized.blackbox import NumpySimulator
 from numpyro_amortized.history import History
@@ -37,6 +37,7 @@ __all__ = [
     "SiteInfo",
     "__version__",
     "amortize",
+    "diagnostics",
     "load_simulations",
     "networks",
     "save_simulations",

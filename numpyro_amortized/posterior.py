@@ -455,6 +455,38 @@ class AmortizedPosterior:
                 observed[mask_key(n)] = data[mask_key(n)]
         return posterior_to_inference_data(draws, observed, sites, len(batch))
 
+    # ------------------------------------------------------------ diagnostics
+    def diagnose(
+        self,
+        rng_key: jax.Array,
+        *,
+        num_datasets: int = 200,
+        num_samples: int = 500,
+        alpha: float = 0.05,
+        path: Any = None,
+    ) -> Any:
+        """SBC, coverage, recovery and z-score/contraction on fresh simulations.
+
+        Delegates to :func:`numpyro_amortized.diagnostics.diagnose`; with ``path``
+        a figure panel (loss, SBC ECDF, coverage, recovery, z-score vs
+        contraction, a table) is saved there.
+
+        Example:
+            >>> report = posterior.diagnose(  # doctest: +SKIP
+            ...     jax.random.key(0), num_datasets=200, path="diagnostics.png")
+            >>> print(report.table())  # doctest: +SKIP
+        """
+        from numpyro_amortized.diagnostics import diagnose
+
+        return diagnose(
+            rng_key,
+            self,
+            num_datasets=num_datasets,
+            num_samples=num_samples,
+            alpha=alpha,
+            path=path,
+        )
+
 
 def _is_set_spec(spec: Any) -> bool:
     return isinstance(spec, nets.DeepSet | nets.SetTransformer | nets.TimeSeriesNetwork)

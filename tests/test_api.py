@@ -23,6 +23,7 @@ def test_public_names():
         "SiteInfo",
         "__version__",
         "amortize",
+        "diagnostics",
         "load_simulations",
         "networks",
         "save_simulations",
