@@ -9,6 +9,7 @@ from numpyro_amortized import diagnostics, networks
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
 from numpyro_amortized.blackbox import NumpySimulator
 from numpyro_amortized.history import History
+from numpyro_amortized.io import load
 from numpyro_amortized.model import AmortizedModel, amortize
 from numpyro_amortized.posterior import AmortizedPosterior, NotFittedError
 from numpyro_amortized.simulate import (
@@ -38,6 +39,7 @@ __all__ = [
     "__version__",
     "amortize",
     "diagnostics",
+    "load",
     "load_simulations",
     "networks",
     "save_simulations",

@@ -7,11 +7,16 @@ so one network serves datasets of any size.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-__all__ = ["AmortizerNetwork"]
+from numpyro_amortized import networks as nets
+from numpyro_amortized.data import ObservationLayout
+
+__all__ = ["AmortizerNetwork", "build_amortizer"]
 
 
 class AmortizerNetwork(nnx.Module):
@@ -62,3 +67,41 @@ class AmortizerNetwork(nnx.Module):
     ) -> jax.Array:
         """Per-example training loss of the flow given the data."""
         return self.flow.loss(rng_key, theta, self.context(x, mask))
+
+
+def build_amortizer(
+    rng_key: jax.Array,
+    inference_net: Any,
+    summary_net: Any,
+    num_params: int,
+    layout: ObservationLayout,
+) -> AmortizerNetwork:
+    """Build the networks once the model's dimensions are known.
+
+    Args:
+        rng_key: initialization key (split between summary and flow).
+        inference_net: a flow spec with ``build(num_params, context_dim, *, rngs)``.
+        summary_net: a summary spec, a user nnx module (used as is), or None.
+        num_params: dimension of the flat unconstrained targets.
+        layout: how observed sites become network input.
+    """
+    init_key, flow_key = jax.random.split(rng_key)
+    summary = None
+    n_ref = layout.shapes[0][layout.set_axes[0]] if layout.is_set else 1
+    if summary_net is not None:
+        summary = nets.build_summary(
+            summary_net,
+            layout.feature_dim,
+            rngs=nnx.Rngs(int(jax.random.randint(init_key, (), 0, 2**31 - 1))),
+        )
+        x_shape = (2, n_ref) if layout.is_set else (2,)
+        ctx_dim = nets.summary_output_dim(summary, (*x_shape, layout.feature_dim))
+    else:
+        ctx_dim = layout.feature_dim
+    ctx_dim += int(layout.is_set)
+    flow = inference_net.build(
+        num_params,
+        ctx_dim,
+        rngs=nnx.Rngs(int(jax.random.randint(flow_key, (), 0, 2**31 - 1))),
+    )
+    return AmortizerNetwork(flow, summary, is_set=layout.is_set, n_ref=n_ref)

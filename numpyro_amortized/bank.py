@@ -94,16 +94,28 @@ def save_simulations(
             )
     arrays = {k: np.asarray(v) for k, v in simulations.items()}
     arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
+    atomic_savez(path, arrays)
+    return path
+
+
+def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an ``.npz`` at ``path`` atomically.
+
+    The data go to a temporary file in the same folder, are flushed to disk and
+    then renamed over ``path`` (``os.replace``), so a crash or an error mid-write
+    leaves any previous file untouched and no partial file behind.
+    """
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return path
 
 
 def load_simulations(
@@ -143,27 +155,36 @@ def load_simulations(
     return sims
 
 
-def _check(saved: dict, current: dict, path: Any) -> None:
+def _check(
+    saved: dict,
+    current: dict,
+    path: Any,
+    *,
+    what: str = "bank",
+    fix: str = "Simulate a new bank for this model.",
+    error: type[Exception] = BankMismatchError,
+) -> None:
+    """Raise ``error`` listing how the saved sites differ from the model's."""
     problems = []
     if saved["observed"] != current["observed"]:
         problems.append(f"observed sites {saved['observed']} vs {current['observed']}")
     s_sites, c_sites = saved["sites"], current["sites"]
     for n in sorted(set(s_sites) | set(c_sites)):
         if n not in c_sites:
-            problems.append(f"site '{n}' is in the bank but not in the model")
+            problems.append(f"site '{n}' is in the {what} but not in the model")
         elif n not in s_sites:
-            problems.append(f"site '{n}' is in the model but not in the bank")
+            problems.append(f"site '{n}' is in the model but not in the {what}")
         else:
             for field in ("shape", "support", "is_observed", "is_discrete"):
                 if s_sites[n][field] != c_sites[n][field]:
                     problems.append(
-                        f"site '{n}' {field}: bank {s_sites[n][field]} vs model "
+                        f"site '{n}' {field}: {what} {s_sites[n][field]} vs model "
                         f"{c_sites[n][field]}"
                     )
     if problems:
-        raise BankMismatchError(
-            f"The bank {path} was made by a different model (bank model "
+        raise error(
+            f"The {what} {path} was made by a different model ({what} model "
             f"'{saved['model']}', this model '{current['model']}'): "
             + "; ".join(problems)
-            + ". Simulate a new bank for this model."
+            + f". {fix}"
         )

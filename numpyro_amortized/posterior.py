@@ -15,7 +15,9 @@ which :meth:`AmortizedPosterior.log_prob` evaluates exactly.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -24,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from numpyro_amortized import networks as nets
-from numpyro_amortized.amortizer import AmortizerNetwork
+from numpyro_amortized.amortizer import build_amortizer
 from numpyro_amortized.data import ObservationLayout, Standardizer
 from numpyro_amortized.history import History
 from numpyro_amortized.model import AmortizedModel
@@ -46,6 +48,7 @@ class _Fitted(NamedTuple):
     layout: ObservationLayout
     theta_std: Standardizer
     x_std: Standardizer
+    summary_net: Any = None  # the summary spec/module used (after defaults)
 
 
 class AmortizedPosterior:
@@ -155,8 +158,6 @@ class AmortizedPosterior:
         summary_spec = self.summary_net
         if summary_spec is None and layout.is_set:
             summary_spec = nets.DeepSet()
-        init_key, flow_key = jax.random.split(rng_key)
-        summary = None
         if summary_spec is not None:
             if not layout.is_set and _is_set_spec(summary_spec):
                 raise ValueError(
@@ -164,24 +165,13 @@ class AmortizedPosterior:
                     f"the observed sites {list(layout.names)} do not share a plate. "
                     "Use na.networks.MLP() or summary_net=None."
                 )
-            summary = nets.build_summary(
-                summary_spec,
-                layout.feature_dim,
-                rngs=nnx.Rngs(int(jax.random.randint(init_key, (), 0, 2**31 - 1))),
-            )
-            ctx_dim = nets.summary_output_dim(summary, (2, *x.shape[1:]))
-        else:
-            ctx_dim = layout.feature_dim
-        ctx_dim += int(layout.is_set)
-        flow = self.inference_net.build(
-            space.dim,
-            ctx_dim,
-            rngs=nnx.Rngs(int(jax.random.randint(flow_key, (), 0, 2**31 - 1))),
+        net = build_amortizer(
+            rng_key, self.inference_net, summary_spec, space.dim, layout
         )
-        n_ref = layout.shapes[0][layout.set_axes[0]] if layout.is_set else 1
-        net = AmortizerNetwork(flow, summary, is_set=layout.is_set, n_ref=n_ref)
         graphdef, params, rest = nnx.split(net, nnx.Param, ...)
-        self._fitted = _Fitted(graphdef, params, rest, space, layout, theta_std, x_std)
+        self._fitted = _Fitted(
+            graphdef, params, rest, space, layout, theta_std, x_std, summary_spec
+        )
         self._jitted = {}
 
     @staticmethod
@@ -241,6 +231,9 @@ class AmortizedPosterior:
         validation_fraction: float = 0.1,
         patience: int = 20,
         progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        resume_from: str | os.PathLike | None = None,
     ) -> History:
         """Train on a fixed simulation budget (offline).
 
@@ -269,6 +262,15 @@ class AmortizedPosterior:
                 stopping).
             patience: epochs without improvement before stopping.
             progress: show a tqdm progress bar.
+            checkpoint_dir: write ``checkpoint.npa`` (everything needed to resume)
+                every ``checkpoint_every`` epochs and at the end of each round, and
+                ``best.npa`` (a posterior with the best weights so far) whenever
+                the validation loss improves; see :mod:`numpyro_amortized.io`.
+            checkpoint_every: epochs between checkpoints.
+            resume_from: a checkpoint file (or its directory) written by an
+                interrupted ``fit`` with the same ``rng_key`` and settings;
+                training continues where it stopped and ends with exactly the
+                weights of an uninterrupted run.
 
         Returns:
             The :class:`~numpyro_amortized.History` (also ``self.history``).
@@ -288,6 +290,9 @@ class AmortizedPosterior:
             validation_fraction=validation_fraction,
             patience=patience,
             progress=progress,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
         )
 
     def fit_online(
@@ -301,6 +306,9 @@ class AmortizedPosterior:
         num_validation: int = 2_000,
         patience: int | None = None,
         progress: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every: int = 1,
+        resume_from: str | os.PathLike | None = None,
     ) -> History:
         """Train on fresh simulations every step (simulated inside the jitted step).
 
@@ -321,6 +329,9 @@ class AmortizedPosterior:
             patience: stop after this many epochs without improvement (None: run
                 all steps).
             progress: show a progress bar.
+            checkpoint_dir: as for :meth:`fit` (an epoch is ``steps_per_epoch``).
+            checkpoint_every: epochs between checkpoints.
+            resume_from: as for :meth:`fit`.
         """
         from numpyro_amortized import fitting
 
@@ -334,7 +345,31 @@ class AmortizedPosterior:
             num_validation=num_validation,
             patience=patience,
             progress=progress,
+            checkpoint_dir=checkpoint_dir,
+            checkpoint_every=checkpoint_every,
+            resume_from=resume_from,
         )
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Save the trained posterior to one file; reload with :func:`na.load`.
+
+        Stores network specs, weights, standardization, site metadata and the
+        training history (no pickles); the write is atomic. See
+        :func:`numpyro_amortized.io.save_posterior`.
+
+        Args:
+            path: file to write (e.g. ``"gauss.npa"``).
+            overwrite: replace an existing file.
+
+        Returns:
+            The path written.
+
+        Raises:
+            FileExistsError: ``path`` exists and ``overwrite`` is False.
+        """
+        from numpyro_amortized.io import save_posterior
+
+        return save_posterior(self, path, overwrite=overwrite)
 
     # ------------------------------------------------------------- inference
     def _data_arrays(self, data: dict) -> tuple[tuple[int, ...], jax.Array, Any]:

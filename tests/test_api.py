@@ -24,6 +24,7 @@ def test_public_names():
         "__version__",
         "amortize",
         "diagnostics",
+        "load",
         "load_simulations",
         "networks",
         "save_simulations",

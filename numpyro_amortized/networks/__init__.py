@@ -11,7 +11,8 @@ model's dimensions are known:
   ``module(x, mask=None) -> (..., summary_dim)`` (see :mod:`.summary`); a user's own
   nnx module with that call protocol works too.
 
-``spec.to_config()`` / :func:`spec_from_config` round-trip specs through plain dicts.
+``spec.to_config()`` / :func:`spec_from_config` round-trip specs through plain dicts;
+a user's own nnx module becomes savable with :func:`register_module`.
 """
 
 from .base import FlowModule, is_flow_module, standard_normal_log_prob
@@ -19,7 +20,15 @@ from .coupling import CouplingFlow, CouplingFlowModule
 from .deep_set import DeepSet, DeepSetModule
 from .flow_matching import FlowMatching, FlowMatchingModule
 from .mlp import MLP, DenseNetwork, MLPSummary
-from .registry import SPECS, register_spec, spec_from_config
+from .registry import (
+    MODULES,
+    SPECS,
+    network_config,
+    network_from_config,
+    register_module,
+    register_spec,
+    spec_from_config,
+)
 from .set_transformer import SetTransformer, SetTransformerModule
 from .spline_flow import NeuralSplineFlow
 from .summary import build_summary, is_summary_module, summary_output_dim
@@ -34,6 +43,7 @@ SUMMARY_SPECS: tuple[type, ...] = (DeepSet, SetTransformer, TimeSeriesNetwork, M
 __all__ = [
     "FLOW_SPECS",
     "MLP",
+    "MODULES",
     "SPECS",
     "SUMMARY_SPECS",
     "CouplingFlow",
@@ -53,6 +63,9 @@ __all__ = [
     "build_summary",
     "is_flow_module",
     "is_summary_module",
+    "network_config",
+    "network_from_config",
+    "register_module",
     "register_spec",
     "spec_from_config",
     "standard_normal_log_prob",
