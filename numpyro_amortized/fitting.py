@@ -7,6 +7,7 @@ from :mod:`numpyro_amortized.train`, keeping the best weights by validation loss
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -17,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from numpyro_amortized.checkpoint import Checkpointer, Position
 from numpyro_amortized.history import History
 from numpyro_amortized.simulate import make_batch_simulator
 from numpyro_amortized.train import (
@@ -32,6 +34,28 @@ if TYPE_CHECKING:
     from numpyro_amortized.posterior import AmortizedPosterior
 
 __all__ = ["fit_offline", "fit_online", "run_epochs", "train_round"]
+
+# The arguments that determine a fit's result: a checkpoint records them and a
+# resume must repeat them (see numpyro_amortized.checkpoint).
+_OFFLINE = (
+    "num_simulations",
+    "simulations",
+    "sample_kwargs",
+    "num_rounds",
+    "batch_size",
+    "max_epochs",
+    "learning_rate",
+    "validation_fraction",
+    "patience",
+)
+_ONLINE = (
+    "num_steps",
+    "batch_size",
+    "steps_per_epoch",
+    "learning_rate",
+    "num_validation",
+    "patience",
+)
 
 OFFLINE_EMA_DECAY = 0.998
 """Offline training validates and keeps an EMA of the weights: on a fixed bank the
@@ -55,13 +79,25 @@ def fit_offline(
     validation_fraction: float,
     patience: int,
     progress: bool,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume_from: str | os.PathLike | None = None,
 ) -> History:
     """Body of :meth:`AmortizedPosterior.fit` (see its docstring)."""
     if (num_simulations is None) == (simulations is None):
         raise ValueError("Pass exactly one of num_simulations= or simulations=.")
+    settings = {
+        "fit": "offline",
+        **{k: v for k, v in locals().items() if k in _OFFLINE},
+    }
+    checkpoint = Checkpointer.create(
+        post, rng_key, checkpoint_dir, checkpoint_every, resume_from, settings
+    )
     history = History()
     start = time.perf_counter()
     for r in range(num_rounds if simulations is None else 1):
+        if checkpoint is not None and not checkpoint.begin_round(r):
+            continue
         key = jax.random.fold_in(rng_key, r)
         sim_key, init_key, train_key = jax.random.split(key, 3)
         if simulations is None:
@@ -93,6 +129,7 @@ def fit_offline(
             validation_fraction=validation_fraction,
             patience=patience,
             progress=progress,
+            checkpoint=checkpoint,
         )
     post.history = history
     return history
@@ -111,6 +148,7 @@ def train_round(
     validation_fraction: float,
     patience: int,
     progress: bool,
+    checkpoint: Checkpointer | None = None,
 ) -> None:
     f = post._require()
     n = arrays[0].shape[0]
@@ -144,6 +182,7 @@ def train_round(
         patience=patience,
         steps_per_epoch=steps_per_epoch,
         progress=progress,
+        checkpoint=checkpoint,
     )
 
 
@@ -162,13 +201,21 @@ def run_epochs(
     steps_per_epoch: int,
     progress: bool,
     unit: str = "epoch",
+    checkpoint: Checkpointer | None = None,
 ) -> None:
     """Epoch loop: validation, early stopping, restoring the best weights."""
     f = post._require()
     best_params, best_val, since_best = f.params, np.inf, 0
-    offset = history.num_epochs
-    bar = tqdm(range(max_epochs), desc="fit", unit=unit, disable=not progress)
+    offset, first = history.num_epochs, 0
+    resumed = None if checkpoint is None else checkpoint.restore(post, state, history)
+    if resumed is not None:  # continue exactly where the checkpoint was written
+        state, best_params, pos = resumed
+        best_val, since_best, offset = pos.best_val, pos.since_best, pos.offset
+        first = max_epochs if pos.done else pos.epoch + 1
+        start = time.perf_counter() - (history.wall_time or [0.0])[-1]
+    bar = tqdm(range(first, max_epochs), desc="fit", unit=unit, disable=not progress)
     for e in bar:
+        improved = False
         key = jax.random.fold_in(rng_key, 2 + e)
         state, infos = run_epoch(state, key)
         train_loss = float(jnp.mean(infos.loss))
@@ -181,17 +228,24 @@ def run_epochs(
             history.val_loss.append(v)
             postfix["val_loss"] = f"{v:.3f}"
             if v < best_val:
-                best_val, since_best = v, 0
+                best_val, since_best, improved = v, 0, True
                 best_params = jax.tree.map(jnp.copy, averaged_params(state))
                 history.best_epoch = offset + e
             else:
                 since_best += 1
         else:
-            best_params = averaged_params(state)
+            best_params, improved = averaged_params(state), True
             history.best_epoch = offset + e
         history.wall_time.append(time.perf_counter() - start)
         bar.set_postfix(postfix)
-        if not np.isfinite(train_loss):
+        stop = val is not None and patience is not None and since_best >= patience
+        nonfinite = not np.isfinite(train_loss)
+        if checkpoint is not None:
+            history.stopped_early |= stop and not nonfinite
+            done = stop or nonfinite or e == max_epochs - 1
+            pos = Position(checkpoint.round, e, offset, best_val, since_best, done)
+            checkpoint.save(post, state, best_params, pos, history, improved=improved)
+        if nonfinite:
             warnings.warn(
                 "Training loss became non-finite; keeping the best weights so "
                 "far. Try a smaller learning_rate.",
@@ -199,7 +253,7 @@ def run_epochs(
                 stacklevel=3,
             )
             break
-        if val is not None and patience is not None and since_best >= patience:
+        if stop:
             history.stopped_early = True
             break
     bar.close()
@@ -217,8 +271,15 @@ def fit_online(
     num_validation: int,
     patience: int | None,
     progress: bool,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 1,
+    resume_from: str | os.PathLike | None = None,
 ) -> History:
     """Body of :meth:`AmortizedPosterior.fit_online` (see its docstring)."""
+    settings = {"fit": "online", **{k: v for k, v in locals().items() if k in _ONLINE}}
+    checkpoint = Checkpointer.create(
+        post, rng_key, checkpoint_dir, checkpoint_every, resume_from, settings
+    )
     history = History()
     start = time.perf_counter()
     pilot_key, init_key, train_key = jax.random.split(rng_key, 3)
@@ -283,6 +344,7 @@ def fit_online(
         patience=patience,
         steps_per_epoch=steps_per_epoch,
         progress=progress,
+        checkpoint=checkpoint,
     )
     post.history = history
     return history
