@@ -40,7 +40,7 @@ class NumpySimulator(Distribution):
         vectorized: whether ``simulator`` takes a batch of parameter sets.
         support: support of the data (default real).
 
-    Example:
+    Examples:
         >>> import numpy as np, numpyro, numpyro.distributions as dist
         >>> import numpyro_amortized as na
         >>> def walk(rng, drift):  # a legacy NumPy simulator

@@ -236,7 +236,7 @@ def save_posterior(
         FileExistsError: ``path`` exists and ``overwrite`` is False.
         TypeError: a network that cannot be saved (an unregistered user module).
 
-    Example:
+    Examples:
         >>> import jax, numpyro_amortized as na  # doctest: +SKIP
         >>> posterior.save("gauss.npa")  # doctest: +SKIP
         >>> posterior = na.load("gauss.npa")  # doctest: +SKIP
@@ -269,14 +269,16 @@ def load(
         The :class:`~numpyro_amortized.AmortizedPosterior`, with ``history``.
 
     Raises:
-        FileNotFoundError, NotAnAmortizerFileError, CorruptFileError,
-        FormatVersionError: see :func:`read_file`.
+        FileNotFoundError: no file at ``path``.
+        NotAnAmortizerFileError: the file is not a saved posterior.
+        CorruptFileError: the file is truncated or its checksum does not match.
+        FormatVersionError: the file was written by a newer format version.
         ModelMismatchError: ``model`` does not have the saved sites (names,
             shapes, supports) with these arguments.
         KeyError: a network spec or module that is not registered (import the
             module that defines it first).
 
-    Example:
+    Examples:
         >>> posterior = na.load("gauss.npa")  # doctest: +SKIP
         >>> posterior.sample(jax.random.key(0), {"x": x_obs}, 1000)  # doctest: +SKIP
     """

@@ -235,7 +235,7 @@ class AmortizedModel:
         Returns:
             ``{site: array}``, plus ``info`` when ``return_info``.
 
-        Example:
+        Examples:
             >>> import jax, numpyro, numpyro.distributions as dist
             >>> import numpyro_amortized as na
             >>> @na.amortize(observed=["x"])
@@ -311,7 +311,7 @@ def amortize(
     Returns:
         A decorator turning a model function into an :class:`AmortizedModel`.
 
-    Example:
+    Examples:
         >>> import numpyro, numpyro.distributions as dist
         >>> import numpyro_amortized as na
         >>> @na.amortize(observed=["x"])

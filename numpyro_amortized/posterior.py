@@ -80,7 +80,7 @@ class AmortizedPosterior:
         model_args: positional model arguments for simulation and shapes.
         model_kwargs: keyword model arguments for simulation and shapes.
 
-    Example:
+    Examples:
         >>> import jax, numpyro_amortized as na
         >>> from numpyro_amortized.models import gaussian_means
         >>> posterior = na.AmortizedPosterior(gaussian_means)
@@ -506,7 +506,7 @@ class AmortizedPosterior:
         a figure panel (loss, SBC ECDF, coverage, recovery, z-score vs
         contraction, a table) is saved there.
 
-        Example:
+        Examples:
             >>> report = posterior.diagnose(  # doctest: +SKIP
             ...     jax.random.key(0), num_datasets=200, path="diagnostics.png")
             >>> print(report.table())  # doctest: +SKIP

@@ -63,7 +63,7 @@ class SiteBlock(NamedTuple):
 class LatentSpace(NamedTuple):
     """Flat unconstrained coordinates for a set of target sites.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from numpyro.distributions import constraints
         >>> space = LatentSpace.from_shapes(

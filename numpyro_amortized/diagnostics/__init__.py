@@ -12,7 +12,7 @@ Two-sample metrics on ``(n, d)`` draws: :func:`c2st`, :func:`mmd`.
 
 Plots: :mod:`numpyro_amortized.diagnostics.plots` (matplotlib imported lazily).
 
-Example:
+Examples:
     >>> import jax, numpyro_amortized as na
     >>> report = na.diagnostics.diagnose(  # doctest: +SKIP
     ...     jax.random.key(0), posterior, num_datasets=200, path="diag.png")

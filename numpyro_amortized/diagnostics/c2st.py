@@ -59,7 +59,7 @@ def c2st(
     Returns:
         :class:`C2ST`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
         >>> far = c2st(rng.normal(size=(500, 2)), 5 + rng.normal(size=(500, 2)))

@@ -61,7 +61,7 @@ def z_score_contraction(
     Returns:
         :class:`ZScoreContraction`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
         >>> truth = rng.normal(size=(200, 1))

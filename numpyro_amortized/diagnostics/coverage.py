@@ -101,7 +101,7 @@ def coverage(
     Returns:
         :class:`Coverage`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
         >>> truth = rng.normal(size=(500, 1))

@@ -56,7 +56,7 @@ def flatten_sites(
     Returns:
         ``(flat, names)``, sites concatenated in the mapping's order.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> flat, names = flatten_sites({"mu": np.zeros((5, 2)), "s": np.ones(5)}, 1)
         >>> flat.shape, names
@@ -147,7 +147,7 @@ def simulate_draws(
     Returns:
         :class:`PosteriorDraws` over the sites the posterior returns.
 
-    Example:
+    Examples:
         >>> import jax, numpyro_amortized as na
         >>> sims = na.diagnostics.simulate_draws(  # doctest: +SKIP
         ...     jax.random.key(0), posterior, num_datasets=100, num_samples=200)

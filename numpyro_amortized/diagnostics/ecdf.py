@@ -119,7 +119,7 @@ def ecdf_band(
         alpha: the band fails to hold all ``K`` points with probability ``alpha``.
         num_simulations: null samples used to calibrate ``gamma``.
 
-    Example:
+    Examples:
         >>> band = ecdf_band(200, 100, alpha=0.05)
         >>> bool((band.lower <= band.z).all() and (band.z <= band.upper).all())
         True

@@ -79,7 +79,7 @@ def mmd(a: Any, b: Any, *, bandwidth: float | None = None, block: int = 256) -> 
     Returns:
         :class:`MMD`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
         >>> same = mmd(rng.normal(size=(500, 2)), rng.normal(size=(500, 2)))

@@ -53,7 +53,7 @@ def recovery(truth: Any, draws: Any, names: Sequence[str] | None = None) -> Reco
     Returns:
         :class:`Recovery`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
         >>> truth = rng.normal(size=(100, 1))

@@ -90,7 +90,7 @@ def diagnose(
     Returns:
         :class:`DiagnosticReport`; ``report.table()`` prints the metrics.
 
-    Example:
+    Examples:
         >>> report = posterior.diagnose(  # doctest: +SKIP
         ...     jax.random.key(0), num_datasets=200, path="diagnostics.png")
         >>> print(report.table())  # doctest: +SKIP

@@ -82,7 +82,7 @@ def sbc_from_draws(
     Returns:
         :class:`SBC`.
 
-    Example:
+    Examples:
         >>> import numpy as np
         >>> rng = np.random.default_rng(0)
         >>> result = sbc_from_draws(rng.normal(size=(300, 2)),
@@ -131,7 +131,7 @@ def sbc(
         :class:`SBC`; ``result.in_band.all()`` is the pass/fail verdict at level
         ``alpha`` per parameter.
 
-    Example:
+    Examples:
         >>> import jax, numpyro_amortized as na
         >>> result = na.diagnostics.sbc(  # doctest: +SKIP
         ...     jax.random.key(0), posterior, num_datasets=200, num_samples=100)

@@ -260,7 +260,7 @@ class CouplingFlow(SpecMixin):
         permutation: ``"random"`` or ``"alternate"`` split of coordinates per layer.
         seed: numpy seed of the random splits (part of the spec, so rebuilds agree).
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from flax import nnx
         >>> flow = CouplingFlow(num_layers=4).build(3, 5, rngs=nnx.Rngs(0))

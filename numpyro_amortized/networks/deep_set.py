@@ -77,7 +77,7 @@ class DeepSet(SpecMixin):
         include_count: append ``log(1 + n_present)`` to the pooled features.
         activation: activation name.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> net = DeepSet(summary_dim=8).build(2, rngs=nnx.Rngs(0))

@@ -162,7 +162,7 @@ class FlowMatching(SpecMixin):
         sigma_min: width of the conditional OT path at ``t = 1``.
         num_steps: fixed RK4 steps for sampling and densities.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from flax import nnx
         >>> spec = FlowMatching(hidden=(32, 32), num_steps=8)

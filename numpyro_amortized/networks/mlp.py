@@ -123,7 +123,7 @@ class MLP(SpecMixin):
         hidden: hidden layer widths.
         activation: name in :data:`ACTIVATIONS`.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> net = MLP(summary_dim=8).build(5, rngs=nnx.Rngs(0))

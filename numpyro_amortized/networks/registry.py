@@ -122,7 +122,7 @@ def register_module(cls: T) -> T:
     loading, then the saved weights are put in). Import the module that defines
     the class before loading.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> @register_module

@@ -141,7 +141,7 @@ class SetTransformer(SpecMixin):
         num_blocks: number of ISAB blocks.
         num_seeds: PMA seed vectors.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> net = SetTransformer(summary_dim=8, embed_dim=32).build(3, rngs=nnx.Rngs(0))

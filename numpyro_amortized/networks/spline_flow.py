@@ -33,12 +33,14 @@ class NeuralSplineFlow(SpecMixin):
         activation: conditioner activation name.
         num_bins: spline bins per transformed coordinate.
         bound: splines act on ``[-bound, bound]``; identity tails outside.
-        min_bin_width, min_bin_height, min_derivative: stability floors.
+        min_bin_width: smallest bin width, as a fraction of the interval.
+        min_bin_height: smallest bin height, as a fraction of the interval.
+        min_derivative: smallest knot derivative.
         actnorm: put an identity-initialized ActNorm before each coupling layer.
         permutation: ``"random"`` or ``"alternate"`` split of coordinates per layer.
         seed: numpy seed of the random splits.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from flax import nnx
         >>> flow = NeuralSplineFlow(num_layers=2).build(2, 3, rngs=nnx.Rngs(0))

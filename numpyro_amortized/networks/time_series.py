@@ -80,7 +80,7 @@ class TimeSeriesNetwork(SpecMixin):
         hidden: hidden widths of the output MLP.
         activation: activation name.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> net = TimeSeriesNetwork(summary_dim=8).build(1, rngs=nnx.Rngs(0))
