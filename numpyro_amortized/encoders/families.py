@@ -84,7 +84,12 @@ class LocScaleModule(nnx.Module):
         self.spec = spec
         size = math.prod(self.shape)
         self.net = DenseNetwork(
-            input_dim, spec.hidden, 2 * size, activation=spec.activation, rngs=rngs
+            input_dim,
+            spec.hidden,
+            2 * size,
+            activation=spec.activation,
+            zero_init_last=True,
+            rngs=rngs,
         )
 
     def __call__(self, h: jax.Array) -> dist.Distribution:

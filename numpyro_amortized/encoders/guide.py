@@ -32,7 +32,7 @@ from flax import nnx
 from numpyro import handlers
 from numpyro.contrib.module import nnx_module
 from numpyro.distributions import biject_to
-from numpyro.distributions.transforms import IdentityTransform
+from numpyro.distributions.transforms import IdentityTransform, IndependentTransform
 from numpyro.infer.autoguide import AutoGuide
 
 from .families import default_encoder
@@ -64,7 +64,10 @@ def _on_support(q: dist.Distribution, site: LocalSite) -> dist.Distribution:
     if site.is_discrete:
         return q
     transform = biject_to(site.support)
-    if isinstance(transform, IdentityTransform):
+    base = transform
+    while isinstance(base, IndependentTransform):
+        base = base.base_transform
+    if isinstance(base, IdentityTransform):
         return q
     return dist.TransformedDistribution(q, transform)
 
@@ -93,7 +96,10 @@ class EncoderGuide:
             or factory (``AutoNormal``, ``functools.partial(AutoNormal,
             init_scale=0.01)``), called with the model with the local sites
             hidden. Alternatively combine this guide with one through
-            ``AutoGuideList``.
+            ``AutoGuideList`` and set ``external_globals=True``.
+        external_globals: the global sites are sampled by another guide (an
+            ``AutoGuideList`` part); without it, global sites and no
+            ``global_guide`` is an error (the ELBO would be wrong).
         prefix: name of the numpyro param holding the encoder's weights
             (``"{prefix}$params"``).
         seed: seed of the encoder's weight initialization.
@@ -125,6 +131,7 @@ class EncoderGuide:
         plate: str | None = None,
         local: list[str] | tuple[str, ...] | None = None,
         global_guide: Callable | None = None,
+        external_globals: bool = False,
         prefix: str = "encoder",
         seed: int = 0,
     ):
@@ -143,6 +150,7 @@ class EncoderGuide:
         self.plate = plate
         self.local = None if local is None else tuple(local)
         self.global_guide_factory = global_guide
+        self.external_globals = external_globals
         self.prefix = prefix
         self.seed = seed
         self.structure: LocalStructure | None = None
@@ -184,12 +192,17 @@ class EncoderGuide:
         structure = find_local_structure(
             trace, observed=self.observed, plate=self.plate, local=self.local
         )
-        if structure.global_sites and self.global_guide_factory is None:
+        if (
+            structure.global_sites
+            and self.global_guide_factory is None
+            and not self.external_globals
+        ):
             raise ValueError(
                 f"EncoderGuide: latent sites {list(structure.global_sites)} are not "
                 f"local to plate '{structure.plate}' (they are global, or excluded by "
                 "local=); pass global_guide=AutoNormal (or another AutoGuide) for "
-                "them, or combine this guide with one through AutoGuideList."
+                "them, or combine this guide with one through AutoGuideList "
+                "(external_globals=True)."
             )
         self.structure = structure
         with jax.ensure_compile_time_eval():
@@ -200,7 +213,7 @@ class EncoderGuide:
                     for s in structure.local
                 }
             )
-        if structure.global_sites:
+        if structure.global_sites and self.global_guide_factory is not None:
             hidden = [s.name for s in structure.local]
             blocked = handlers.block(handlers.seed(self.model, 0), hide=hidden)
             self.global_guide = self.global_guide_factory(blocked)

@@ -1,0 +1,350 @@
+"""EncoderGuide (VAE / AEVB): checked against closed-form posteriors and ELBOs.
+
+The workhorse is probabilistic PCA with known weights,
+
+    z_i ~ N(0, I_k),   x_i | z_i ~ N(W z_i + b, sigma^2 I_D),
+
+whose posterior is ``N(S W^T (x_i - b) / sigma^2, S)`` with
+``S = (I + W^T W / sigma^2)^{-1}``. W has orthogonal columns, so S is diagonal and
+a diagonal-Normal encoder with a linear map (``hidden=()``) contains the exact
+posterior: VI must find it. For any diagonal-Normal q the per-datapoint ELBO is
+also closed-form, which pins the value (and the subsampling scale) of every ELBO
+estimator.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+import optax
+import pytest
+from flax import nnx
+from numpyro import handlers
+from numpyro.distributions import constraints
+from numpyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from numpyro.infer.autoguide import AutoGuideList, AutoNormal
+
+import numpyro_amortized as na
+from numpyro_amortized import encoders as enc
+from numpyro_amortized.networks import CouplingFlow, spec_from_config
+
+D, K, SIGMA = 4, 2, 0.5
+_Q = np.linalg.qr(np.random.default_rng(0).normal(size=(D, K)))[0]
+W = jnp.asarray(_Q * np.array([2.0, 1.0]), jnp.float32)  # W^T W = diag(4, 1)
+B_OFFSET = jnp.array([0.5, -1.0, 0.0, 1.0])
+S_DIAG = 1.0 / (1.0 + jnp.diag(W.T @ W) / SIGMA**2)  # posterior variances
+
+
+def ppca(x, batch_size=None):
+    with numpyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([K]).to_event(1))
+        numpyro.sample(
+            "x", dist.Normal(z @ W.T + B_OFFSET, SIGMA).to_event(1), obs=x[idx]
+        )
+
+
+def ppca_data(rng_key, n):
+    kz, kx = jax.random.split(rng_key)
+    z = jax.random.normal(kz, (n, K))
+    return z @ W.T + B_OFFSET + SIGMA * jax.random.normal(kx, (n, D))
+
+
+def posterior_mean(x):
+    return S_DIAG * ((x - B_OFFSET) @ W) / SIGMA**2
+
+
+def exact_neg_elbo(x, loc, scale):
+    """``-sum_i ELBO_i`` for q(z_i) = N(loc_i, diag(scale_i^2)) (closed form)."""
+    resid = x - loc @ W.T - B_OFFSET
+    quad = jnp.sum(resid**2, -1) + jnp.sum(jnp.diag(W.T @ W) * scale**2, -1)
+    expected_loglik = -0.5 * D * math.log(2 * math.pi * SIGMA**2) - quad / (
+        2 * SIGMA**2
+    )
+    kl = 0.5 * jnp.sum(scale**2 + loc**2 - 1.0 - 2.0 * jnp.log(scale), -1)
+    return -jnp.sum(expected_loglik - kl)
+
+
+def per_particle_losses(elbo, rng_key, params, guide, num, *args):
+    keys = jax.random.split(rng_key, num)
+    return jax.jit(jax.vmap(lambda k: elbo.loss(k, params, ppca, guide, *args)))(keys)
+
+
+def encode(guide, params, *args, site="z"):
+    """``(loc, scale)`` of a loc-scale encoder's q (jitted: one compile)."""
+
+    def fn(params, *args):
+        q = guide.distributions(params, *args)[site]
+        q = getattr(q, "base_dist", q)
+        return q.loc, q.scale
+
+    return jax.jit(fn)(params, *args)
+
+
+def decaying_adam(lr, num_steps):
+    return optax.adam(optax.exponential_decay(lr, num_steps, 0.01))
+
+
+@pytest.fixture(scope="module")
+def trained_ppca():
+    x = ppca_data(jax.random.key(0), 200)
+    guide = enc.EncoderGuide(ppca, encoder=enc.NormalEncoder(hidden=()))
+    svi = SVI(ppca, guide, decaying_adam(3e-2, 3000), TraceMeanField_ELBO())
+    result = svi.run(jax.random.key(1), 3000, x, progress_bar=False)
+    return guide, result.params, x
+
+
+def test_ppca_encoder_matches_analytic_posterior(trained_ppca):
+    guide, params, _ = trained_ppca
+    x_new = ppca_data(jax.random.key(5), 100)  # amortized: unseen datapoints
+    loc, scale = encode(guide, params, x_new)
+    assert loc.shape == scale.shape == (100, K)
+    sd = jnp.sqrt(S_DIAG)
+    mean_err = jnp.abs(loc - posterior_mean(x_new)) / sd
+    assert float(mean_err.max()) < 0.1, mean_err.max()
+    np.testing.assert_allclose(scale, jnp.broadcast_to(sd, scale.shape), rtol=0.08)
+
+
+def test_trace_elbo_and_mean_field_agree_with_closed_form(trained_ppca):
+    guide, params, x = trained_ppca
+    exact = float(exact_neg_elbo(x, *encode(guide, params, x)))
+    for elbo in (Trace_ELBO(), TraceMeanField_ELBO()):
+        losses = per_particle_losses(elbo, jax.random.key(2), params, guide, 2000, x)
+        stderr = float(jnp.std(losses)) / math.sqrt(len(losses))
+        assert abs(float(jnp.mean(losses)) - exact) < 4 * stderr + 1e-3 * abs(exact)
+
+
+def test_subsampled_plate_shapes_indices_and_scale(trained_ppca):
+    guide, params, x = trained_ppca
+    n, batch = x.shape[0], 8
+    seeded = handlers.substitute(handlers.seed(guide, 3), data=params)
+    guide_tr = handlers.trace(seeded).get_trace(x, batch)
+    model_tr = handlers.trace(handlers.replay(ppca, guide_tr)).get_trace(x, batch)
+    idx = guide_tr["data"]["value"]
+    assert guide_tr["z"]["value"].shape == (batch, K)
+    assert guide_tr["z"]["scale"] == pytest.approx(n / batch)
+    assert model_tr["x"]["scale"] == pytest.approx(n / batch)
+    np.testing.assert_array_equal(model_tr["data"]["value"], idx)
+    np.testing.assert_array_equal(model_tr["x"]["value"], x[idx])
+    # the encoder saw exactly the subsampled rows
+    loc, scale = encode(guide, params, x)
+    np.testing.assert_allclose(guide_tr["z"]["fn"].mean, loc[idx], atol=1e-5)
+    # the subsampled ELBO is unbiased for the full-data ELBO (scale n / batch)
+    exact = float(exact_neg_elbo(x, loc, scale))
+    losses = per_particle_losses(
+        TraceMeanField_ELBO(), jax.random.key(4), params, guide, 4000, x, batch
+    )
+    mean, stderr = float(jnp.mean(losses)), float(jnp.std(losses)) / math.sqrt(4000)
+    assert abs(mean - exact) < 4 * stderr, (mean, exact, stderr)
+    assert abs(mean - exact * batch / n) > 20 * stderr  # an unscaled ELBO would fail
+
+
+def mixture(x):
+    means = jnp.array([-3.0, 0.0, 3.0])
+    with numpyro.plate("data", x.shape[0]):
+        c = numpyro.sample("c", dist.Categorical(probs=jnp.ones(3) / 3))
+        numpyro.sample("x", dist.Normal(means[c], 1.0), obs=x)
+
+
+def test_discrete_local_latent_trains_with_trace_graph_elbo():
+    x = jnp.concatenate(
+        [
+            m + jax.random.normal(jax.random.key(i), (60,))
+            for i, m in enumerate([-3, 0, 3])
+        ]
+    )
+    guide = enc.EncoderGuide(mixture, encoder=enc.CategoricalEncoder(hidden=()))
+    elbo = TraceGraph_ELBO()
+    svi = SVI(mixture, guide, decaying_adam(5e-2, 1500), elbo)
+    result = svi.run(jax.random.key(0), 1500, x, progress_bar=False)
+    assert float(result.losses[-100:].mean()) < float(result.losses[:100].mean()) - 50
+    grads = jax.grad(lambda p: elbo.loss(jax.random.key(1), p, mixture, guide, x))(
+        result.params
+    )
+    leaves = jax.tree.leaves(grads)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+    assert any(float(jnp.abs(g).max()) > 0 for g in leaves)
+    # the exact posterior P(c | x) is softmax(mu_c x - mu_c^2 / 2): linear logits
+    grid = jnp.linspace(-5.0, 5.0, 41)
+    means = jnp.array([-3.0, 0.0, 3.0])
+    exact = jax.nn.softmax(grid[:, None] * means - means**2 / 2, axis=-1)
+    probs = jax.jit(lambda p: guide.distributions(p, grid)["c"].probs)(result.params)
+    assert float(jnp.abs(probs - exact).max()) < 0.1
+
+
+def global_offset_model(x):
+    b = numpyro.sample("b", dist.Normal(0.0, 3.0))
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(z + b, 1.0), obs=x)
+
+
+def test_global_latent_through_autoguide_part():
+    x = 2.0 + math.sqrt(2.0) * jax.random.normal(jax.random.key(0), (100,))
+    n = x.shape[0]
+    guide = enc.EncoderGuide(
+        global_offset_model,
+        encoder=enc.NormalEncoder(hidden=()),
+        global_guide=AutoNormal,
+    )
+    svi = SVI(
+        global_offset_model, guide, decaying_adam(3e-2, 2000), TraceMeanField_ELBO()
+    )
+    params = svi.run(jax.random.key(1), 2000, x, progress_bar=False).params
+    # Gaussian target: mean-field VI recovers the exact posterior mean of b, and
+    # q(b)'s variance is 1 / (joint precision of b) = 1 / (1/9 + n).
+    exact_mean = (x.sum() / 2.0) / (n / 2.0 + 1.0 / 9.0)
+    mf_sd = 1.0 / math.sqrt(1.0 / 9.0 + n)
+    assert abs(float(params["b_auto_loc"]) - float(exact_mean)) < 0.04
+    assert float(params["b_auto_scale"]) == pytest.approx(mf_sd, rel=0.1)
+    loc, scale = encode(guide, params, x)
+    np.testing.assert_allclose(loc, (x - exact_mean) / 2.0, atol=0.1)
+    np.testing.assert_allclose(scale, math.sqrt(0.5), rtol=0.05)
+
+
+def test_global_latent_through_auto_guide_list():
+    x = 2.0 + math.sqrt(2.0) * jax.random.normal(jax.random.key(0), (50,))
+    hidden = handlers.block(handlers.seed(global_offset_model, 0), hide=["z"])
+    guide = AutoGuideList(global_offset_model)
+    guide.append(AutoNormal(hidden))
+    local = enc.EncoderGuide(global_offset_model, external_globals=True)
+    guide.append(local)
+    svi = SVI(global_offset_model, guide, optax.adam(1e-2), Trace_ELBO())
+    state = svi.init(jax.random.key(0), x)
+    params = svi.get_params(state)
+    assert {"b_auto_loc", "b_auto_scale", "encoder$params"} <= set(params)
+    tr = handlers.trace(handlers.seed(handlers.substitute(guide, params), 1)).get_trace(
+        x
+    )
+    assert tr["b"]["value"].shape == () and tr["z"]["value"].shape == (50,)
+    draws = guide.sample_posterior(jax.random.key(2), params, x, sample_shape=(7,))
+    assert draws["b"].shape == (7,) and draws["z"].shape == (7, 50)
+
+
+def test_global_latent_without_global_guide_is_a_clear_error():
+    guide = enc.EncoderGuide(global_offset_model)
+    with pytest.raises(ValueError, match=r"\['b'\].*global_guide=AutoNormal"):
+        handlers.seed(guide, 0)(jnp.zeros(5))
+
+
+def test_model_without_plate_local_latent_is_a_clear_error():
+    def no_local(x):
+        mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))
+        with numpyro.plate("data", x.shape[0]):
+            numpyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    guide = enc.EncoderGuide(no_local)
+    with pytest.raises(ValueError, match="expected per-datapoint latent") as info:
+        handlers.seed(guide, 0)(jnp.zeros(5))
+    assert "'mu' (latent; no plate)" in str(info.value)
+    assert "'x' (observed; data)" in str(info.value)
+
+
+def test_observed_site_not_passed_is_a_clear_error():
+    @na.amortize(observed=["x"])
+    def model(n=5, x=None):
+        with numpyro.plate("data", n):
+            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
+            numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    guide = enc.EncoderGuide(model)
+    with pytest.raises(ValueError, match=r"'x' is not observed.*x=\.\.\."):
+        handlers.seed(guide, 0)()
+
+
+def two_site_model(x):
+    with numpyro.plate("data", x.shape[0]):
+        u = numpyro.sample("u", dist.Normal(0.0, 1.0))
+        v = numpyro.sample("v", dist.Normal(0.0, 1.0))
+        numpyro.sample("x", dist.Normal(jnp.stack([u, v], -1), 1.0).to_event(1), obs=x)
+
+
+def test_symmetric_loc_scale_families_center_on_posterior_mean():
+    # each posterior N(x/2, 1/2) is symmetric: the best symmetric q is centred on x/2
+    x = jax.random.normal(jax.random.key(0), (100, 2)) * math.sqrt(2.0)
+    specs = {
+        "u": enc.LaplaceEncoder(hidden=()),
+        "v": enc.StudentTEncoder(hidden=(), df=4.0),
+    }
+    guide = enc.EncoderGuide(two_site_model, encoder=specs)
+    svi = SVI(two_site_model, guide, decaying_adam(3e-2, 2000), Trace_ELBO())
+    params = svi.run(jax.random.key(1), 2000, x, progress_bar=False).params
+    families = {n: type(q).__name__ for n, q in guide.distributions(params, x).items()}
+    assert families == {"u": "Laplace", "v": "StudentT"}
+    for i, name in enumerate("uv"):
+        loc, _ = encode(guide, params, x, site=name)
+        np.testing.assert_allclose(loc, x[:, i] / 2.0, atol=0.06)
+
+
+def test_constrained_local_site_gets_exact_jacobian():
+    def positive(x):
+        with numpyro.plate("data", x.shape[0]):
+            r = numpyro.sample("r", dist.LogNormal(0.0, 1.0).expand([3]).to_event(1))
+            numpyro.sample("x", dist.Normal(r, 1.0).to_event(1), obs=x)
+
+    guide = enc.EncoderGuide(positive, encoder=enc.NormalEncoder(hidden=(8,)))
+
+    @jax.jit  # also checks that the first call (building the network) may be jitted
+    def run(x):
+        tr = handlers.trace(handlers.seed(guide, 0)).get_trace(x)
+        value, q = tr["r"]["value"], tr["r"]["fn"]
+        base = q.base_dist  # Normal over log r
+        expected = base.log_prob(jnp.log(value)) - jnp.sum(jnp.log(value), -1)
+        return value, q.log_prob(value), expected
+
+    value, log_prob, expected = run(jnp.ones((6, 3)))
+    assert value.shape == (6, 3) and bool(jnp.all(value > 0))
+    np.testing.assert_allclose(log_prob, expected, rtol=1e-5)
+
+
+def test_flow_encoder_density_is_normalized_and_reparameterized():
+    site = enc.LocalSite("z", (2,), 1, constraints.real_vector, False, ())
+    spec = enc.FlowEncoder(flow=CouplingFlow(num_layers=2, hidden=(8,)), hidden=(8,))
+    module = spec.build(3, site, rngs=nnx.Rngs(0))
+    h = jnp.array([[0.3, -1.0, 2.0]])
+    q = module(h)
+    assert q.batch_shape == (1,) and q.event_shape == (2,) and q.has_rsample
+    g = jnp.linspace(-8.0, 8.0, 321)
+    grid = jnp.stack(jnp.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 1, 2)
+
+    @jax.jit
+    def check(grid):
+        q = module(h)
+        u, lp = q.sample_and_log_prob(jax.random.key(0), (5,))
+        mass = jnp.sum(jnp.exp(q.log_prob(grid))) * (g[1] - g[0]) ** 2
+        return mass, lp, q.log_prob(u)
+
+    mass, lp, lp_again = check(grid)
+    assert float(mass) == pytest.approx(1.0, abs=0.01)
+    np.testing.assert_allclose(lp, lp_again, atol=1e-4)
+
+
+def test_default_encoders_follow_the_support():
+    def site(support, discrete):
+        return enc.LocalSite("s", (3,), 1, support, discrete, ())
+
+    assert isinstance(
+        enc.default_encoder(site(constraints.real_vector, False)), enc.NormalEncoder
+    )
+    assert isinstance(
+        enc.default_encoder(site(constraints.boolean, True)), enc.BernoulliEncoder
+    )
+    cat = enc.default_encoder(site(constraints.integer_interval(0, 4), True))
+    assert isinstance(cat, enc.CategoricalEncoder)
+    module = cat.build(
+        2, site(constraints.integer_interval(0, 4), True), rngs=nnx.Rngs(0)
+    )
+    q = module(jnp.zeros((7, 2)))
+    assert q.batch_shape == (7,) and q.event_shape == (3,)
+    assert q.base_dist.probs.shape == (7, 3, 5)
+    with pytest.raises(ValueError, match="no default encoder for site 's'"):
+        enc.default_encoder(site(constraints.nonnegative_integer, True))
+
+
+@pytest.mark.parametrize("spec", [s() for s in enc.ENCODER_SPECS])
+def test_encoder_specs_round_trip_through_config(spec):
+    assert spec_from_config(spec.to_config()) == spec
