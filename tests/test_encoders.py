@@ -26,7 +26,13 @@ import pytest
 from flax import nnx
 from numpyro import handlers
 from numpyro.distributions import constraints
-from numpyro.infer import SVI, Trace_ELBO, TraceGraph_ELBO, TraceMeanField_ELBO
+from numpyro.infer import (
+    SVI,
+    Predictive,
+    Trace_ELBO,
+    TraceGraph_ELBO,
+    TraceMeanField_ELBO,
+)
 from numpyro.infer.autoguide import AutoGuideList, AutoNormal
 
 import numpyro_amortized as na
@@ -107,6 +113,11 @@ def test_ppca_encoder_matches_analytic_posterior(trained_ppca):
     mean_err = jnp.abs(loc - posterior_mean(x_new)) / sd
     assert float(mean_err.max()) < 0.1, mean_err.max()
     np.testing.assert_allclose(scale, jnp.broadcast_to(sd, scale.shape), rtol=0.08)
+    # Predictive draws the local latents from the trained encoder
+    predictive = Predictive(ppca, guide=guide, params=params, num_samples=2000)
+    z = jax.jit(predictive)(jax.random.key(6), x_new)["z"]
+    assert z.shape == (2000, 100, K)
+    np.testing.assert_allclose(z.mean(0), loc, atol=float(4 * sd.max() / 2000**0.5))
 
 
 def test_trace_elbo_and_mean_field_agree_with_closed_form(trained_ppca):
@@ -412,3 +423,62 @@ def test_default_encoders_follow_the_support():
 @pytest.mark.parametrize("spec", [s() for s in enc.ENCODER_SPECS])
 def test_encoder_specs_round_trip_through_config(spec):
     assert spec_from_config(spec.to_config()) == spec
+
+
+W_CORR = jnp.array([[1.0, 0.8], [0.5, 1.0], [0.0, 1.0], [1.0, 0.0]])
+
+
+def correlated_ppca(x):
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([K]).to_event(1))
+        numpyro.sample("x", dist.Normal(z @ W_CORR.T, 1.0).to_event(1), obs=x)
+
+
+@pytest.mark.slow
+def test_flow_encoder_captures_posterior_correlation():
+    cov = jnp.linalg.inv(jnp.eye(K) + W_CORR.T @ W_CORR)  # sigma = 1
+    exact_corr = float(cov[0, 1] / jnp.sqrt(cov[0, 0] * cov[1, 1]))
+    assert exact_corr < -0.4  # a diagonal q could not represent this
+    kz, kx = jax.random.split(jax.random.key(0))
+    x = jax.random.normal(kz, (300, K)) @ W_CORR.T + jax.random.normal(kx, (300, D))
+    spec = enc.FlowEncoder(
+        flow=CouplingFlow(num_layers=4, hidden=(32, 32)), context_dim=8, hidden=(32,)
+    )
+    guide = enc.EncoderGuide(correlated_ppca, encoder=spec)
+    svi = SVI(correlated_ppca, guide, decaying_adam(1e-2, 6000), Trace_ELBO(4))
+    params = svi.run(jax.random.key(1), 6000, x, progress_bar=False).params
+    x_new = x[:5]
+
+    @jax.jit
+    def draws(params):
+        q = guide.distributions(params, x_new)["z"]
+        return q.sample(jax.random.key(2), (20_000,))  # (S, 5, K)
+
+    z = draws(params)
+    exact_mean = (x_new @ W_CORR) @ cov
+    np.testing.assert_allclose(z.mean(0), exact_mean, atol=0.1)
+    for i in range(5):
+        emp = jnp.cov(z[:, i].T)
+        np.testing.assert_allclose(
+            jnp.sqrt(jnp.diag(emp)), jnp.sqrt(jnp.diag(cov)), rtol=0.1
+        )
+        corr = emp[0, 1] / jnp.sqrt(emp[0, 0] * emp[1, 1])
+        assert abs(float(corr) - exact_corr) < 0.1, (float(corr), exact_corr)
+
+
+@pytest.mark.slow
+def test_discrete_encoder_needs_the_score_function_term():
+    # negative control for the TraceGraph_ELBO test: without the score-function
+    # term (Trace_ELBO) the encoder gets no signal from the likelihood
+    means = jnp.array([-3.0, 0.0, 3.0])
+    x = (means[:, None] + jax.random.normal(jax.random.key(0), (3, 60))).ravel()
+    grid = jnp.linspace(-5.0, 5.0, 41)
+    exact = jax.nn.softmax(grid[:, None] * means - means**2 / 2, axis=-1)
+    errors = {}
+    for elbo in (TraceGraph_ELBO(), Trace_ELBO()):
+        guide = enc.EncoderGuide(mixture, encoder=enc.CategoricalEncoder(hidden=()))
+        svi = SVI(mixture, guide, decaying_adam(5e-2, 1500), elbo)
+        params = svi.run(jax.random.key(1), 1500, x, progress_bar=False).params
+        probs = jax.jit(lambda p, g=guide: g.distributions(p, grid)["c"].probs)(params)
+        errors[type(elbo).__name__] = float(jnp.abs(probs - exact).max())
+    assert errors["TraceGraph_ELBO"] < 0.1 and errors["Trace_ELBO"] > 0.3, errors

@@ -97,6 +97,8 @@ class EncoderGuide:
             init_scale=0.01)``), called with the model with the local sites
             hidden. Alternatively combine this guide with one through
             ``AutoGuideList`` and set ``external_globals=True``.
+        preprocess: a function applied to the encoder's input ``(B, input_dim)``
+            before the network (e.g. ``lambda h: h / 16`` for pixel counts).
         external_globals: the global sites are sampled by another guide (an
             ``AutoGuideList`` part); without it, global sites and no
             ``global_guide`` is an error (the ELBO would be wrong).
@@ -131,6 +133,7 @@ class EncoderGuide:
         plate: str | None = None,
         local: list[str] | tuple[str, ...] | None = None,
         global_guide: Callable | None = None,
+        preprocess: Callable[[jax.Array], jax.Array] | None = None,
         external_globals: bool = False,
         prefix: str = "encoder",
         seed: int = 0,
@@ -151,6 +154,7 @@ class EncoderGuide:
         self.local = None if local is None else tuple(local)
         self.global_guide_factory = global_guide
         self.external_globals = external_globals
+        self.preprocess = preprocess
         self.prefix = prefix
         self.seed = seed
         self.structure: LocalStructure | None = None
@@ -226,7 +230,7 @@ class EncoderGuide:
                 f"give {h.shape[-1]} features per datapoint, but the encoder was "
                 f"built for {self.structure.input_dim}."
             )
-        return h
+        return h if self.preprocess is None else self.preprocess(h)
 
     # ----------------------------------------------------------------- call
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
