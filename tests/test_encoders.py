@@ -453,7 +453,7 @@ def test_encoder_specs_round_trip_through_config(spec):
     assert spec_from_config(spec.to_config()) == spec
 
 
-W_CORR = jnp.array([[1.0, 0.8], [0.5, 1.0], [0.0, 1.0], [1.0, 0.0]])
+W_CORR = jnp.array([[1.0, 1.0], [1.0, 1.0], [1.0, 0.5], [0.5, 1.0]])
 
 
 def correlated_ppca(x):
@@ -466,7 +466,7 @@ def correlated_ppca(x):
 def test_flow_encoder_captures_posterior_correlation():
     cov = jnp.linalg.inv(jnp.eye(K) + W_CORR.T @ W_CORR)  # sigma = 1
     exact_corr = float(cov[0, 1] / jnp.sqrt(cov[0, 0] * cov[1, 1]))
-    assert exact_corr < -0.4  # a diagonal q could not represent this
+    assert exact_corr < -0.6  # a diagonal q could not represent this
     kz, kx = jax.random.split(jax.random.key(0))
     x = jax.random.normal(kz, (300, K)) @ W_CORR.T + jax.random.normal(kx, (300, D))
     spec = enc.FlowEncoder(
