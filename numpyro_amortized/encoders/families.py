@@ -137,7 +137,7 @@ class NormalEncoder(_LocScaleSpec):
         min_scale: lower bound added to every scale.
         init_scale: scale at initialization for a zero network output.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> from numpyro.distributions import constraints

@@ -41,7 +41,7 @@ class ConditionalFlowDistribution(dist.Distribution):
             :mod:`numpyro_amortized.networks.base`).
         context: ``(*batch, context_dim)``; its leading axes are the batch shape.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from numpyro_amortized.networks import CouplingFlow
         >>> flow = CouplingFlow(num_layers=2, hidden=(8,)).build(
@@ -128,7 +128,7 @@ class FlowEncoder(SpecMixin):
         hidden: hidden widths of the embedding MLP.
         activation: activation name.
 
-    Example:
+    Examples:
         >>> import jax.numpy as jnp
         >>> from flax import nnx
         >>> from numpyro.distributions import constraints

@@ -106,7 +106,7 @@ class EncoderGuide:
             (``"{prefix}$params"``).
         seed: seed of the encoder's weight initialization.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp, numpyro, optax
         >>> import numpyro.distributions as dist
         >>> from numpyro.infer import SVI, TraceMeanField_ELBO
