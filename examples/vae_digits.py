@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     def held_out_elbo(rng_key, params):
         return -monitor.loss(rng_key, params, model, guide, x_test) / x_test.shape[0]
 
-    state = svi.init(jax.random.key(ns.seed), x_train, ns.batch_size)
+    init = jax.jit(lambda key, x: svi.init(key, x, ns.batch_size))
+    state = init(jax.random.key(ns.seed), x_train)
     losses = []
     for i in range(num_chunks):
         state, chunk_losses = run_chunk(state)
