@@ -387,6 +387,7 @@ def test_constrained_local_site_gets_exact_jacobian():
     np.testing.assert_allclose(log_prob, expected, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_flow_encoder_density_is_normalized_and_reparameterized():
     site = enc.LocalSite("z", (2,), 1, constraints.real_vector, False, ())
     spec = enc.FlowEncoder(flow=CouplingFlow(num_layers=2, hidden=(8,)), hidden=(8,))
