@@ -5,9 +5,10 @@ result is still a plain NumPyro model that also simulates training data fast and
 describes its latent space.
 """
 
-from numpyro_amortized import diagnostics, networks
+from numpyro_amortized import diagnostics, encoders, networks
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
 from numpyro_amortized.blackbox import NumpySimulator
+from numpyro_amortized.encoders import EncoderGuide
 from numpyro_amortized.history import History
 from numpyro_amortized.io import load
 from numpyro_amortized.model import AmortizedModel, amortize
@@ -26,6 +27,7 @@ __all__ = [
     "AmortizedModel",
     "AmortizedPosterior",
     "BankMismatchError",
+    "EncoderGuide",
     "History",
     "InvalidSimulationWarning",
     "LatentSpace",
@@ -39,6 +41,7 @@ __all__ = [
     "__version__",
     "amortize",
     "diagnostics",
+    "encoders",
     "load",
     "load_simulations",
     "networks",
