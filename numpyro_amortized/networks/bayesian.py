@@ -109,6 +109,7 @@ class BayesianModule(nnx.Module):
                 "with include=/exclude=."
             )
         self.net = net
+        include, exclude = _patterns(include, "include"), _patterns(exclude, "exclude")
         self.paths = select_paths(net, include, exclude, name=type(net).__name__)
         flat = dict(nnx.to_flat_state(nnx.state(net, nnx.Param)))
         self.log_variances = nnx.List(
