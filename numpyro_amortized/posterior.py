@@ -527,7 +527,7 @@ class AmortizedPosterior:
 
         Needs Bayesian weights (:func:`~numpyro_amortized.networks.bayesian`).
 
-        Example:
+        Examples:
             >>> one = posterior.sample_network(jax.random.key(0))  # doctest: +SKIP
             >>> one.sample(jax.random.key(1), {"x": x_obs}, 100)  # doctest: +SKIP
         """
@@ -550,7 +550,7 @@ class AmortizedPosterior:
         spread of the means relative to the posterior sd. Larger for data unlike
         the training simulations; smaller with more training simulations.
 
-        Example:
+        Examples:
             >>> summary = posterior.epistemic(key, {"x": x_obs})  # doctest: +SKIP
             >>> summary.relative_spread["mu"]  # doctest: +SKIP
         """

@@ -436,6 +436,42 @@ def test_number_of_simulations_that_scales_the_kl(monkeypatch, bank):
     assert seen == [180, 60 * 16, 7]
 
 
+# --------------------------------------------------------- NumPyro sites
+def test_weights_as_numpyro_sites_give_the_exact_posterior_in_svi():
+    """y = w x + N(0, 1) with w ~ N(0, 1): the mean-field guide is exact."""
+    from numpyro.infer import SVI, Trace_ELBO
+
+    lin = nnx.Linear(1, 1, use_bias=False, rngs=nnx.Rngs(0))
+    module = nets.BayesianModule(lin, init_logvar=-3.0)
+    before = np.asarray(lin.kernel[...])
+
+    def model(x, y=None):
+        net = na.random_bayesian_module("net", module)
+        numpyro.sample("y", dist.Normal(net(x[:, None])[:, 0], 1.0), obs=y)
+
+    def guide(x, y=None):
+        na.bayesian_nnx_module("net", module)
+
+    x = jax.random.normal(jax.random.key(0), (50,))
+    y = 0.8 * x + jax.random.normal(jax.random.key(1), (50,))
+    precision = 1.0 + float(jnp.sum(x**2))
+    mean, var = float(jnp.sum(x * y)) / precision, 1.0 / precision
+
+    trace = numpyro.handlers.trace(numpyro.handlers.seed(guide, 0)).get_trace(x)
+    assert trace["net/kernel"]["type"] == "sample"
+    assert {"net$params", "net$mean", "net$log_var"} <= set(trace)
+    schedule = optax.cosine_decay_schedule(0.05, 2000, alpha=0.01)
+    svi = SVI(model, guide, optax.adam(schedule), Trace_ELBO())
+    result = svi.run(jax.random.key(2), 2000, x, y, progress_bar=False)
+    got_mean = float(result.params["net$mean"]["kernel"][0, 0])
+    got_var = float(jnp.exp(result.params["net$log_var"]["kernel"][0, 0]))
+    assert got_mean == pytest.approx(mean, abs=0.1 * math.sqrt(var))
+    assert got_var == pytest.approx(var, rel=0.1)
+    np.testing.assert_array_equal(lin.kernel[...], before)  # the module is unchanged
+    with pytest.raises(TypeError, match="Bayesian weights"):
+        na.bayesian_nnx_module("net", lin)
+
+
 # ------------------------------------------------------------------ slow
 @pytest.mark.slow
 def test_more_simulations_shrink_weight_variances_and_epistemic_spread(bank, datasets):

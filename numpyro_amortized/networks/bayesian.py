@@ -302,7 +302,7 @@ def sample_weights(
     Returns:
         ``(network, kl)`` with ``kl`` the summed KL of all Bayesian parts.
 
-    Example:
+    Examples:
         >>> from numpyro_amortized.networks import MLP
         >>> net = bayesian(MLP(summary_dim=2, hidden=(4,))).build(3, rngs=nnx.Rngs(0))
         >>> plain, kl = sample_weights(jax.random.key(0), net)
@@ -470,7 +470,7 @@ def bayesian(
         ValueError: when the network is built, a pattern that matches no
             parameter (the message lists the parameter paths).
 
-    Example:
+    Examples:
         >>> import numpyro_amortized as na
         >>> flow = na.networks.bayesian(
         ...     na.networks.NeuralSplineFlow(num_layers=2),

@@ -81,7 +81,7 @@ def gaussian_kl(
 ) -> jax.Array:
     """Closed-form ``KL(N(mean, exp(log_var)) || prior)`` summed over all elements.
 
-    Example:
+    Examples:
         >>> float(gaussian_kl(jnp.zeros(3), jnp.zeros(3), dist.Normal(0.0, 1.0)))
         0.0
     """
@@ -107,7 +107,7 @@ def monte_carlo_kl(
     ``weights`` are draws ``mean + exp(log_var / 2) * eps``; leading axes beyond
     the weights' shape are averaged (several draws), the rest summed.
 
-    Example:
+    Examples:
         >>> w = jnp.array([0.3, -0.2])
         >>> float(monte_carlo_kl(w, jnp.zeros(2), jnp.zeros(2), dist.Normal(0.0, 1.0)))
         0.0

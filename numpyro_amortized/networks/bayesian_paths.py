@@ -14,7 +14,7 @@ by component:
 So ``"**.bias"`` selects every bias, ``"couplings.*.conditioner.**"`` every weight of
 every conditioner, and ``"**"`` everything.
 
-Example:
+Examples:
     >>> match_path("**.bias", ("couplings", 0, "conditioner", "output_layer", "bias"))
     True
     >>> match_path("couplings.*.bias", ("couplings", 0, "conditioner", "bias"))
