@@ -166,6 +166,10 @@ def sample_network(post: AmortizedPosterior, rng_key: jax.Array) -> AmortizedPos
         summary_net=_plain(f.summary_net),
     )
     out.history = post.history
+    # Every sampled network has the structure (graphdef, rest) of the first one
+    # and the compiled functions take the weights as arguments, so they share
+    # one cache (plotting several sampled networks compiles once).
+    out._jitted = post._jitted.setdefault("sample_network:shared", {})
     return out
 
 
