@@ -348,7 +348,7 @@ def _prior_key(prior: Any) -> Any:
 
 
 @register_spec
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(frozen=True, eq=False, repr=False)
 class BayesianNetwork:
     """Spec: a network spec whose selected parameters get Bayesian weights.
 
@@ -392,6 +392,20 @@ class BayesianNetwork:
             self.init_logvar,
             _prior_key(self.prior),
             self.local_reparameterization,
+        )
+
+    def __repr__(self) -> str:
+        key = _prior_key(self.prior)
+        prior = (
+            f"{key[0]}({', '.join(f'{k}={v}' for k, v in key[1])})"
+            if isinstance(key, tuple)
+            else repr(self.prior)
+        )
+        return (
+            f"BayesianNetwork(spec={self.spec!r}, include={self.include}, "
+            f"exclude={self.exclude}, init_logvar={self.init_logvar}, "
+            f"prior={prior}, local_reparameterization="
+            f"{self.local_reparameterization})"
         )
 
     def __eq__(self, other: object) -> bool:
