@@ -157,6 +157,7 @@ def test_patterns_that_match_nothing_raise():
         nets.bayesian(nets.MLP(), prior=1.0)
 
 
+@pytest.mark.slow  # test budget; the exact-posterior tests also pin the draws
 def test_dense_layer_draws_with_and_without_local_reparameterization():
     # One dense layer y = x W + b: y_j ~ N(x M_j + m_j, x^2 V_j + v_j) either way;
     # whole-weight draws are W ~ N(M, V) with one output per draw.
