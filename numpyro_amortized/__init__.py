@@ -7,8 +7,10 @@ describes its latent space.
 
 from numpyro_amortized import diagnostics, encoders, networks
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
+from numpyro_amortized.bayesian_sites import bayesian_nnx_module, random_bayesian_module
 from numpyro_amortized.blackbox import NumpySimulator
 from numpyro_amortized.encoders import EncoderGuide
+from numpyro_amortized.epistemic import EpistemicSummary
 from numpyro_amortized.history import History
 from numpyro_amortized.io import load
 from numpyro_amortized.model import AmortizedModel, amortize
@@ -28,6 +30,7 @@ __all__ = [
     "AmortizedPosterior",
     "BankMismatchError",
     "EncoderGuide",
+    "EpistemicSummary",
     "History",
     "InvalidSimulationWarning",
     "LatentSpace",
@@ -40,10 +43,12 @@ __all__ = [
     "SiteInfo",
     "__version__",
     "amortize",
+    "bayesian_nnx_module",
     "diagnostics",
     "encoders",
     "load",
     "load_simulations",
     "networks",
+    "random_bayesian_module",
     "save_simulations",
 ]

@@ -55,6 +55,7 @@ _ONLINE = (
     "learning_rate",
     "num_validation",
     "patience",
+    "num_effective_simulations",
 )
 
 OFFLINE_EMA_DECAY = 0.998
@@ -163,7 +164,7 @@ def train_round(
     optimizer = default_optimizer(
         learning_rate, max_epochs * steps_per_epoch, ema_decay=OFFLINE_EMA_DECAY
     )
-    loss_fn = post._loss_fn()
+    loss_fn = post._loss_fn(num_simulations=n - num_val)
     epoch = make_epoch(make_train_step(loss_fn, optimizer), batch_size)
     evaluate = make_evaluate(loss_fn)
     post._train_fns = (epoch, evaluate)
@@ -271,6 +272,7 @@ def fit_online(
     num_validation: int,
     patience: int | None,
     progress: bool,
+    num_effective_simulations: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume_from: str | os.PathLike | None = None,
@@ -313,7 +315,8 @@ def fit_online(
 
     num_epochs = -(-num_steps // steps_per_epoch)
     optimizer = default_optimizer(learning_rate, num_epochs * steps_per_epoch)
-    loss_fn = post._loss_fn()
+    num_kl = num_effective_simulations or num_epochs * steps_per_epoch * batch_size
+    loss_fn = post._loss_fn(num_simulations=num_kl)
     step = make_train_step(loss_fn, optimizer)
 
     @jax.jit

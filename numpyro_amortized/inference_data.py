@@ -3,7 +3,9 @@
 Dimension names: a site's axes that belong to plates are named after the plates;
 other axes are ``<site>_dim_<i>``. Posterior variables have ``(chain, draw, ...)``
 with one chain for amortized draws; a batch of datasets adds a ``dataset``
-dimension right after ``draw`` (and first in ``observed_data``).
+dimension right after ``draw`` (and first in ``observed_data``). Draws from several
+networks sampled from Bayesian weights add a ``network`` dimension right after
+``draw`` (before ``dataset``).
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def posterior_to_inference_data(
     observed: dict[str, Any],
     sites: dict[str, SiteInfo],
     batch_ndim: int,
+    *,
+    network_axis: bool = False,
 ) -> Any:
     """Amortized draws ``{site: (*batch, S, *shape)}`` -> ``InferenceData``.
 
@@ -54,6 +58,8 @@ def posterior_to_inference_data(
         observed: observed data per site (masks as ``<site>_mask``).
         sites: site metadata of the model.
         batch_ndim: number of leading dataset axes (0 or 1).
+        network_axis: the draws have a leading axis of sampled networks,
+            ``(K, *batch, S, *shape)``; it becomes the ``network`` dimension.
     """
     az = import_arviz()
     if batch_ndim > 1:
@@ -61,14 +67,15 @@ def posterior_to_inference_data(
             "to_inference_data supports one dataset axis; reshape the batch to 1-D."
         )
     posterior, dims = {}, {}
+    lead = batch_ndim + int(network_axis)
+    lead_dims = (["network"] if network_axis else []) + (
+        ["dataset"] if batch_ndim else []
+    )
     for name, v in draws.items():
         v = np.asarray(v)
-        if batch_ndim:
-            v = np.moveaxis(v, 1, 0)  # (S, B, *shape)
+        v = np.moveaxis(v, lead, 0)  # (S, [K], [B], *shape)
         posterior[name] = v[None]  # one chain
-        dims[name] = (["dataset"] if batch_ndim else []) + site_dims(
-            sites[name], v.ndim - 1 - batch_ndim
-        )
+        dims[name] = lead_dims + site_dims(sites[name], v.ndim - 1 - lead)
     obs, obs_dims = {}, {}
     for name, v in observed.items():
         v = np.asarray(v)

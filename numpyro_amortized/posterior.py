@@ -138,6 +138,12 @@ class AmortizedPosterior:
         """How observed sites become network input."""
         return self._require().layout
 
+    @property
+    def is_bayesian(self) -> bool:
+        """Whether some network weights are Bayesian (``na.networks.bayesian``)."""
+        f = self._require()
+        return nets.is_bayesian(nnx.merge(f.graphdef, f.params, f.rest))
+
     def _require(self) -> _Fitted:
         if self._fitted is None:
             raise NotFittedError(
@@ -205,9 +211,15 @@ class AmortizedPosterior:
         )
         return arrays, dropped
 
-    def _loss_fn(self) -> Callable:
+    def _loss_fn(self, num_simulations: int | None = None) -> Callable:
+        """Per-example training loss; with Bayesian weights the negative ELBO with
+        the KL scaled by ``1 / num_simulations`` (:mod:`.epistemic`)."""
         f = self._require()
         graphdef, rest = f.graphdef, f.rest
+        if self.is_bayesian:
+            from numpyro_amortized.epistemic import bayesian_loss_fn
+
+            return bayesian_loss_fn(graphdef, rest, num_simulations)
 
         def loss_fn(params, rng_key, batch):
             theta, x, mask = batch
@@ -305,6 +317,7 @@ class AmortizedPosterior:
         learning_rate: float = 1e-3,
         num_validation: int = 2_000,
         patience: int | None = None,
+        num_effective_simulations: int | None = None,
         progress: bool = True,
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
@@ -328,6 +341,10 @@ class AmortizedPosterior:
             num_validation: size of the pilot / validation bank.
             patience: stop after this many epochs without improvement (None: run
                 all steps).
+            num_effective_simulations: with Bayesian weights, the ``N`` that
+                scales ``KL(q(w) || p(w)) / N`` (default: every simulation the
+                run will see, ``num_steps * batch_size``). Lower it when fresh
+                simulations are near-duplicates of each other.
             progress: show a progress bar.
             checkpoint_dir: as for :meth:`fit` (an epoch is ``steps_per_epoch``).
             checkpoint_every: epochs between checkpoints.
@@ -344,6 +361,7 @@ class AmortizedPosterior:
             learning_rate=learning_rate,
             num_validation=num_validation,
             patience=patience,
+            num_effective_simulations=num_effective_simulations,
             progress=progress,
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
@@ -390,7 +408,12 @@ class AmortizedPosterior:
         return self._jitted[name]
 
     def sample(
-        self, rng_key: jax.Array, data: dict, num_samples: int = 1000
+        self,
+        rng_key: jax.Array,
+        data: dict,
+        num_samples: int = 1000,
+        *,
+        num_networks: int | None = None,
     ) -> dict[str, jax.Array]:
         """Posterior draws of the targets, in the constrained space.
 
@@ -399,30 +422,29 @@ class AmortizedPosterior:
             data: ``{observed site: array}`` for one dataset, or with leading
                 dataset axes (a batch of datasets).
             num_samples: draws per dataset.
+            num_networks: with Bayesian network weights
+                (:func:`~numpyro_amortized.networks.bayesian`), draw from this
+                many networks sampled from the weight posterior; None uses the
+                mean network.
 
         Returns:
             ``{target: (*batch, num_samples, *site_shape)}``. In a batch, dataset
             ``b`` (flat index) gets exactly the draws of
             ``sample(jax.random.split(rng_key, B)[b], data_b, num_samples)``.
+            With ``num_networks=K`` a leading network axis is added:
+            ``(K, *batch, num_samples, *site_shape)``.
         """
+        if num_networks is not None:
+            from numpyro_amortized.epistemic import sample_networks
+
+            return sample_networks(self, rng_key, data, num_samples, num_networks)
         f = self._require()
         batch, x, mask = self._data_arrays(data)
         graphdef, rest, space = f.graphdef, f.rest, f.space
 
         def draw(params, theta_std, x_std, key, x, mask, num_samples):
             net = nnx.merge(graphdef, params, rest)
-            ctx = net.context(x_std(x), mask)
-            batch = ctx.shape[:-1]
-            if not batch:
-                v = net.flow.sample(key, ctx, num_samples)  # (S, D)
-            else:  # dataset b (flat index) uses split(key, B)[b]
-                flat_ctx = ctx.reshape(-1, ctx.shape[-1])
-                keys = jax.random.split(key, flat_ctx.shape[0])
-                v = jax.vmap(lambda k, c: net.flow.sample(k, c, num_samples))(
-                    keys, flat_ctx
-                )  # (B, S, D)
-                v = v.reshape(*batch, num_samples, v.shape[-1])
-            return space.constrain(theta_std.inverse(v))[0]
+            return draw_targets(net, space, theta_std, x_std, key, x, mask, num_samples)
 
         fn = self._jit(f"sample{len(batch)}", draw, static_argnames="num_samples")
         return fn(f.params, f.theta_std, f.x_std, rng_key, x, mask, num_samples)
@@ -472,23 +494,71 @@ class AmortizedPosterior:
         return self._jit("summarize", summ)(f.params, f.x_std, x, mask)
 
     def to_inference_data(
-        self, rng_key: jax.Array, data: dict, num_samples: int = 1000
+        self,
+        rng_key: jax.Array,
+        data: dict,
+        num_samples: int = 1000,
+        *,
+        num_networks: int | None = None,
     ) -> Any:
         """Draws as ``arviz.InferenceData`` (``posterior`` + ``observed_data``).
 
         A batch of datasets gets a ``dataset`` dimension; site dimensions are named
-        after their plates.
+        after their plates. With ``num_networks=K`` (Bayesian weights) the draws
+        of each sampled network get a ``network`` dimension (see :meth:`sample`).
         """
         from numpyro_amortized.inference_data import posterior_to_inference_data
 
-        draws = self.sample(rng_key, data, num_samples)
+        draws = self.sample(rng_key, data, num_samples, num_networks=num_networks)
         batch = self._require().layout.batch_shape(data)
         sites = self.model.describe(*self.model_args, **self.model_kwargs)
         observed = {n: data[n] for n in self.model.observed}
         for n in self.model.observed:
             if mask_key(n) in data:
                 observed[mask_key(n)] = data[mask_key(n)]
-        return posterior_to_inference_data(draws, observed, sites, len(batch))
+        return posterior_to_inference_data(
+            draws, observed, sites, len(batch), network_axis=num_networks is not None
+        )
+
+    # --------------------------------------------------- Bayesian weights
+    def sample_network(self, rng_key: jax.Array) -> AmortizedPosterior:
+        """One network drawn from the weight posterior, as a point-estimate
+        posterior (plain specs: deterministic, savable).
+
+        Needs Bayesian weights (:func:`~numpyro_amortized.networks.bayesian`).
+
+        Examples:
+            >>> one = posterior.sample_network(jax.random.key(0))  # doctest: +SKIP
+            >>> one.sample(jax.random.key(1), {"x": x_obs}, 100)  # doctest: +SKIP
+        """
+        from numpyro_amortized.epistemic import sample_network
+
+        return sample_network(self, rng_key)
+
+    def epistemic(
+        self,
+        rng_key: jax.Array,
+        data: dict,
+        *,
+        num_networks: int = 20,
+        num_samples: int = 500,
+    ) -> Any:
+        """How much networks drawn from the weight posterior disagree on ``data``.
+
+        Returns an :class:`~numpyro_amortized.epistemic.EpistemicSummary`: per
+        network posterior means and sds, their spread across networks, and the
+        spread of the means relative to the posterior sd. Larger for data unlike
+        the training simulations; smaller with more training simulations.
+
+        Examples:
+            >>> summary = posterior.epistemic(key, {"x": x_obs})  # doctest: +SKIP
+            >>> summary.relative_spread["mu"]  # doctest: +SKIP
+        """
+        from numpyro_amortized.epistemic import epistemic_summary
+
+        return epistemic_summary(
+            self, rng_key, data, num_networks=num_networks, num_samples=num_samples
+        )
 
     # ------------------------------------------------------------ diagnostics
     def diagnose(
@@ -524,4 +594,30 @@ class AmortizedPosterior:
 
 
 def _is_set_spec(spec: Any) -> bool:
+    spec = spec.spec if isinstance(spec, nets.BayesianNetwork) else spec
     return isinstance(spec, nets.DeepSet | nets.SetTransformer | nets.TimeSeriesNetwork)
+
+
+def draw_targets(
+    net: Any,
+    space: LatentSpace,
+    theta_std: Standardizer,
+    x_std: Standardizer,
+    key: jax.Array,
+    x: jax.Array,
+    mask: Any,
+    num_samples: int,
+) -> dict[str, jax.Array]:
+    """Draws of the targets from an amortizer network (body of ``sample``)."""
+    ctx = net.context(x_std(x), mask)
+    batch = ctx.shape[:-1]
+    if not batch:
+        v = net.flow.sample(key, ctx, num_samples)  # (S, D)
+    else:  # dataset b (flat index) uses split(key, B)[b]
+        flat_ctx = ctx.reshape(-1, ctx.shape[-1])
+        keys = jax.random.split(key, flat_ctx.shape[0])
+        v = jax.vmap(lambda k, c: net.flow.sample(k, c, num_samples))(
+            keys, flat_ctx
+        )  # (B, S, D)
+        v = v.reshape(*batch, num_samples, v.shape[-1])
+    return space.constrain(theta_std.inverse(v))[0]

@@ -12,6 +12,7 @@ def test_public_names():
         "AmortizedPosterior",
         "BankMismatchError",
         "EncoderGuide",
+        "EpistemicSummary",
         "History",
         "NotFittedError",
         "InvalidSimulationWarning",
@@ -24,11 +25,13 @@ def test_public_names():
         "SiteInfo",
         "__version__",
         "amortize",
+        "bayesian_nnx_module",
         "diagnostics",
         "encoders",
         "load",
         "load_simulations",
         "networks",
+        "random_bayesian_module",
         "save_simulations",
     }
     for name in na.__all__:

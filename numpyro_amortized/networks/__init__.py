@@ -16,6 +16,15 @@ a user's own nnx module becomes savable with :func:`register_module`.
 """
 
 from .base import FlowModule, is_flow_module, standard_normal_log_prob
+from .bayesian import (
+    BayesianModule,
+    BayesianNetwork,
+    LogVariance,
+    bayesian,
+    is_bayesian,
+    sample_weights,
+)
+from .bayesian_paths import format_path, parameter_paths
 from .coupling import CouplingFlow, CouplingFlowModule
 from .deep_set import DeepSet, DeepSetModule
 from .flow_matching import FlowMatching, FlowMatchingModule
@@ -46,6 +55,8 @@ __all__ = [
     "MODULES",
     "SPECS",
     "SUMMARY_SPECS",
+    "BayesianModule",
+    "BayesianNetwork",
     "CouplingFlow",
     "CouplingFlowModule",
     "DeepSet",
@@ -54,19 +65,25 @@ __all__ = [
     "FlowMatching",
     "FlowMatchingModule",
     "FlowModule",
+    "LogVariance",
     "MLPSummary",
     "NeuralSplineFlow",
     "SetTransformer",
     "SetTransformerModule",
     "TimeSeriesModule",
     "TimeSeriesNetwork",
+    "bayesian",
     "build_summary",
+    "format_path",
+    "is_bayesian",
     "is_flow_module",
     "is_summary_module",
     "network_config",
     "network_from_config",
+    "parameter_paths",
     "register_module",
     "register_spec",
+    "sample_weights",
     "spec_from_config",
     "standard_normal_log_prob",
     "summary_output_dim",
