@@ -34,6 +34,7 @@ network). Discrete nuisance sites need a guide of your own (with
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -159,7 +160,10 @@ class AmortizedGuide:
         new = copy.copy(self.posterior)
         state = state_from_pure_dict(f.params, params[self.param_name])
         new._fitted = f._replace(params=jax.tree.map(jnp.asarray, state))
-        new._jitted, new._train_fns, new._validation = {}, (), None
+        # The compiled sample/log_prob functions take the weights as arguments and
+        # close over the unchanged structure only, so the copy can reuse them.
+        new._jitted = dict(self.posterior._jitted)
+        new._train_fns, new._validation = (), None
         return new
 
     # ------------------------------------------------------------- the guide
@@ -178,9 +182,10 @@ class AmortizedGuide:
         if not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(data)):
             f.layout.check_finite(data)
         x, mask = f.layout.to_network(data, 0)
-        net = nnx.merge(f.graphdef, self.network_params(), f.rest)
-        context = net.context(f.x_std(x), mask)
-        q = FlowDistribution(net.flow, context, f.theta_std.mean, f.theta_std.std)
+        params = self.network_params()
+        context = _context(f.graphdef, params, f.rest, f.x_std(x), mask)
+        flow = nnx.merge(f.graphdef, params, f.rest).flow
+        q = FlowDistribution(flow, context, f.theta_std.mean, f.theta_std.std)
         u = numpyro.sample(self.latent_name, q, infer={"is_auxiliary": True})
         result = {}
         values = f.space.unflatten(u)
@@ -307,6 +312,13 @@ class AmortizedGuide:
                     "draws with Predictive)."
                 )
         return data
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _context(graphdef, params, rest, x, mask):
+    """The flow's context for standardized data (one compiled pass, see
+    :mod:`numpyro_amortized.flow_distribution`)."""
+    return nnx.merge(graphdef, params, rest).context(x, mask)
 
 
 def state_from_pure_dict(template: nnx.State, values: Mapping) -> nnx.State:
