@@ -224,7 +224,8 @@ def test_nuisance_autonormal_reaches_the_mean_field_optimum(rough, x_obs):
     the exact means and sd(tau) = 1 / sqrt(1 + n).
     """
     guide = na.AmortizedGuide(two_level, rough, nuisance_guide=AutoNormal)
-    svi = SVI(two_level, guide, optax.adam(1e-2), Trace_ELBO(num_particles=8))
+    schedule = optax.cosine_decay_schedule(1e-2, 1500, alpha=0.05)
+    svi = SVI(two_level, guide, optax.adam(schedule), Trace_ELBO(num_particles=8))
     result = svi.run(jax.random.key(8), 1500, x=x_obs, **KW, progress_bar=False)
     s = x_obs.sum(0)
     loc = result.params["tau_auto_loc"]
