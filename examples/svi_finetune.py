@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
     out_dir = ns.output or Path(tempfile.mkdtemp(prefix="svi_finetune_"))
     out_dir.mkdir(parents=True, exist_ok=True)
     quick = ns.quick
-    num_datasets, num_samples = (2, 500) if quick else (5, 1000)
-    elbo_steps, svi_steps = (200, 200) if quick else (2000, 1000)
+    num_datasets, num_samples = (1, 300) if quick else (5, 1000)
+    elbo_steps, svi_steps = (100, 100) if quick else (2000, 1000)
+    num_simulations, num_validation = (300, 64) if quick else (1000, 512)
     kwargs = {}
     if quick:
         kwargs = {
@@ -89,8 +90,16 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
 
     t0 = time.perf_counter()
     npe = na.AmortizedPosterior(gaussian_means, **kwargs)
-    npe.fit(jax.random.key(1), num_simulations=1000, max_epochs=5, progress=False)
-    print(f"NPE, 1000 simulations x 5 epochs: {time.perf_counter() - t0:.0f} s")
+    npe.fit(
+        jax.random.key(1),
+        num_simulations=num_simulations,
+        max_epochs=5,
+        progress=False,
+    )
+    print(
+        f"NPE, {num_simulations} simulations x 5 epochs: "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
 
     xs = jnp.asarray(gaussian_means.simulate(jax.random.key(2), num_datasets)["x"])
     mean, sd = gaussian_means_posterior(xs)
@@ -106,6 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, np.ndarray]:
             num_steps=elbo_steps,
             npe_weight=npe_weight,
             learning_rate=3e-4,
+            num_validation=num_validation,
             progress=False,
         )
         scores[label] = c2st_scores(post, xs, reference, num_samples)
