@@ -52,7 +52,7 @@ from numpyro_amortized.space import LatentSpace
 if TYPE_CHECKING:
     from numpyro_amortized.posterior import AmortizedPosterior
 
-__all__ = ["elbo_loss_fn", "make_log_joint", "negative_elbo"]
+__all__ = ["check_no_nuisance", "elbo_loss_fn", "make_log_joint", "negative_elbo"]
 
 
 def make_log_joint(
