@@ -11,6 +11,8 @@ from numpyro_amortized.bayesian_sites import bayesian_nnx_module, random_bayesia
 from numpyro_amortized.blackbox import NumpySimulator
 from numpyro_amortized.encoders import EncoderGuide
 from numpyro_amortized.epistemic import EpistemicSummary
+from numpyro_amortized.flow_distribution import FlowDistribution
+from numpyro_amortized.guides import AmortizedGuide
 from numpyro_amortized.history import History
 from numpyro_amortized.io import load
 from numpyro_amortized.model import AmortizedModel, amortize
@@ -26,11 +28,13 @@ from numpyro_amortized.space import LatentSpace
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AmortizedGuide",
     "AmortizedModel",
     "AmortizedPosterior",
     "BankMismatchError",
     "EncoderGuide",
     "EpistemicSummary",
+    "FlowDistribution",
     "History",
     "InvalidSimulationWarning",
     "LatentSpace",

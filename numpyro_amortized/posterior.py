@@ -368,6 +368,77 @@ class AmortizedPosterior:
             resume_from=resume_from,
         )
 
+    def fit_elbo(
+        self,
+        rng_key: jax.Array,
+        num_steps: int = 2_000,
+        *,
+        num_particles: int = 1,
+        npe_weight: float = 0.0,
+        elbo_weight: float = 1.0,
+        batch_size: int = 64,
+        steps_per_epoch: int = 100,
+        learning_rate: float = 1e-4,
+        num_validation: int = 512,
+        patience: int | None = None,
+        progress: bool = True,
+    ) -> History:
+        """Amortized VI: train by the ELBO (reverse KL) on fresh simulations.
+
+        Needs a tractable likelihood (every latent site a target). Each step
+        simulates ``batch_size`` datasets and minimizes
+        ``elbo_weight * -ELBO(x) + npe_weight * NPE loss`` (see
+        :mod:`numpyro_amortized.elbo`); typically used to fine-tune a posterior
+        trained by :meth:`fit`, but an unfitted posterior is built first.
+
+        Args:
+            rng_key: JAX PRNG key.
+            num_steps: optimizer steps.
+            num_particles: posterior draws per dataset for the ELBO estimate.
+            npe_weight: weight of the NPE loss (0: pure ELBO).
+            elbo_weight: weight of the negative ELBO.
+            batch_size: fresh datasets per step.
+            steps_per_epoch: steps per jitted ``lax.scan`` (one history entry).
+            learning_rate: peak learning rate (cosine decay over ``num_steps``).
+            num_validation: size of the pilot / validation bank.
+            patience: early-stopping patience in epochs (None: run all steps).
+            progress: show a progress bar.
+
+        Example:
+            >>> posterior.fit(key, num_simulations=1_000)  # doctest: +SKIP
+            >>> history = posterior.fit_elbo(key, num_steps=2_000)  # doctest: +SKIP
+        """
+        from numpyro_amortized.vi import fit_elbo
+
+        return fit_elbo(
+            self,
+            rng_key,
+            num_steps,
+            num_particles=num_particles,
+            npe_weight=npe_weight,
+            elbo_weight=elbo_weight,
+            batch_size=batch_size,
+            steps_per_epoch=steps_per_epoch,
+            learning_rate=learning_rate,
+            num_validation=num_validation,
+            patience=patience,
+            progress=progress,
+        )
+
+    def as_guide(self, **options: Any) -> Any:
+        """This posterior as a NumPyro guide for its model (SVI, ``Predictive``).
+
+        Keyword options (``data``, ``nuisance_guide``, ``prefix``) go to
+        :class:`~numpyro_amortized.AmortizedGuide`.
+
+        Example:
+            >>> guide = posterior.as_guide()  # doctest: +SKIP
+            >>> svi = SVI(model, guide, adam(1e-4), Trace_ELBO())  # doctest: +SKIP
+        """
+        from numpyro_amortized.guides import AmortizedGuide
+
+        return AmortizedGuide(self.model, self, **options)
+
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Save the trained posterior to one file; reload with :func:`na.load`.
 

@@ -8,11 +8,13 @@ import numpyro_amortized as na
 
 def test_public_names():
     assert set(na.__all__) == {
+        "AmortizedGuide",
         "AmortizedModel",
         "AmortizedPosterior",
         "BankMismatchError",
         "EncoderGuide",
         "EpistemicSummary",
+        "FlowDistribution",
         "History",
         "NotFittedError",
         "InvalidSimulationWarning",
