@@ -102,9 +102,10 @@ def _numpyro_chain(potential_of, prototype, settings):
             state = sample_kernel(state, model_args=(x,))
             return state, (state.z, state.diverging, state.num_steps, state.accept_prob)
 
-        state, _ = jax.lax.scan(step, state, None, length=num_warmup)
-        _, draws = jax.lax.scan(step, state, None, length=num_samples)
-        return draws
+        # One scan for warmup and draws (the kernel adapts while i < num_warmup):
+        # one copy of the NUTS kernel to compile instead of two.
+        _, draws = jax.lax.scan(step, state, None, length=num_warmup + num_samples)
+        return jax.tree.map(lambda v: v[num_warmup:], draws)
 
     return chain
 
