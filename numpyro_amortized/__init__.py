@@ -9,6 +9,7 @@ from numpyro_amortized import diagnostics, encoders, networks
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
 from numpyro_amortized.bayesian_sites import bayesian_nnx_module, random_bayesian_module
 from numpyro_amortized.blackbox import NumpySimulator
+from numpyro_amortized.compare import NutsComparison, compare_with_nuts
 from numpyro_amortized.encoders import EncoderGuide
 from numpyro_amortized.epistemic import EpistemicSummary
 from numpyro_amortized.flow_distribution import FlowDistribution
@@ -41,6 +42,7 @@ __all__ = [
     "ModelTraceError",
     "NotFittedError",
     "NumpySimulator",
+    "NutsComparison",
     "PlateInfo",
     "SimulationError",
     "SimulationInfo",
@@ -48,6 +50,7 @@ __all__ = [
     "__version__",
     "amortize",
     "bayesian_nnx_module",
+    "compare_with_nuts",
     "diagnostics",
     "encoders",
     "load",

@@ -8,7 +8,7 @@ import numpyro.distributions as dist
 
 from numpyro_amortized.model import amortize
 
-__all__ = ["gaussian_means", "gaussian_means_posterior"]
+__all__ = ["choice_rt", "gaussian_means", "gaussian_means_posterior"]
 
 
 @amortize(observed=["x"])
@@ -35,3 +35,19 @@ def gaussian_means_posterior(x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
     mean = x.sum(axis=-2) / (n + 1)
     sd = jnp.full_like(mean, 1.0 / jnp.sqrt(n + 1.0))
     return mean, sd
+
+
+@amortize(observed=["rt", "correct"])
+def choice_rt(n_trials: int = 50, rt=None, correct=None):
+    """Response times and accuracy of one participant: constrained parameters.
+
+    ``log_rt_mean ~ N(-0.5, 0.5)``, ``rt_scale ~ HalfNormal(0.5)`` (positive),
+    ``accuracy ~ Beta(2, 2)`` (a probability); per trial
+    ``rt_i ~ LogNormal(log_rt_mean, rt_scale)`` and ``correct_i ~ Bernoulli(accuracy)``.
+    """
+    log_rt_mean = numpyro.sample("log_rt_mean", dist.Normal(-0.5, 0.5))
+    rt_scale = numpyro.sample("rt_scale", dist.HalfNormal(0.5))
+    accuracy = numpyro.sample("accuracy", dist.Beta(2.0, 2.0))
+    with numpyro.plate("trials", n_trials):
+        numpyro.sample("rt", dist.LogNormal(log_rt_mean, rt_scale), obs=rt)
+        numpyro.sample("correct", dist.Bernoulli(accuracy), obs=correct)
