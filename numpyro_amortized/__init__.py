@@ -13,6 +13,7 @@ from numpyro_amortized.compare import NutsComparison, compare_with_nuts
 from numpyro_amortized.encoders import EncoderGuide
 from numpyro_amortized.epistemic import EpistemicSummary
 from numpyro_amortized.flow_distribution import FlowDistribution
+from numpyro_amortized.bayesian_guide import BayesianAmortizedGuide
 from numpyro_amortized.guides import AmortizedGuide
 from numpyro_amortized.history import History
 from numpyro_amortized.io import load
@@ -30,6 +31,7 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AmortizedGuide",
+    "BayesianAmortizedGuide",
     "AmortizedModel",
     "AmortizedPosterior",
     "BankMismatchError",
