@@ -7,13 +7,13 @@ describes its latent space.
 
 from numpyro_amortized import diagnostics, encoders, networks
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
+from numpyro_amortized.bayesian_guide import BayesianAmortizedGuide
 from numpyro_amortized.bayesian_sites import bayesian_nnx_module, random_bayesian_module
 from numpyro_amortized.blackbox import NumpySimulator
 from numpyro_amortized.compare import NutsComparison, compare_with_nuts
 from numpyro_amortized.encoders import EncoderGuide
 from numpyro_amortized.epistemic import EpistemicSummary
 from numpyro_amortized.flow_distribution import FlowDistribution
-from numpyro_amortized.bayesian_guide import BayesianAmortizedGuide
 from numpyro_amortized.guides import AmortizedGuide
 from numpyro_amortized.history import History
 from numpyro_amortized.io import load
@@ -31,10 +31,10 @@ __version__ = "0.1.0.dev0"
 
 __all__ = [
     "AmortizedGuide",
-    "BayesianAmortizedGuide",
     "AmortizedModel",
     "AmortizedPosterior",
     "BankMismatchError",
+    "BayesianAmortizedGuide",
     "EncoderGuide",
     "EpistemicSummary",
     "FlowDistribution",
