@@ -107,7 +107,8 @@ class BayesianAmortizedGuide(AmortizedGuide):
         )
 
     def __repr__(self) -> str:
-        return super().__repr__()[:-1] + f", num_weight_sites={len(self.weights)})"
+        base = super().__repr__()[len("AmortizedGuide") : -1]
+        return f"BayesianAmortizedGuide{base}, num_weight_sites={len(self.weights)})"
 
     # ----------------------------------------------------------------- names
     @property
