@@ -7,6 +7,7 @@ describes its latent space.
 
 from numpyro_amortized import diagnostics, encoders, networks
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
+from numpyro_amortized.bayesian_guide import BayesianAmortizedGuide
 from numpyro_amortized.bayesian_sites import bayesian_nnx_module, random_bayesian_module
 from numpyro_amortized.blackbox import NumpySimulator
 from numpyro_amortized.compare import NutsComparison, compare_with_nuts
@@ -33,6 +34,7 @@ __all__ = [
     "AmortizedModel",
     "AmortizedPosterior",
     "BankMismatchError",
+    "BayesianAmortizedGuide",
     "EncoderGuide",
     "EpistemicSummary",
     "FlowDistribution",

@@ -429,7 +429,11 @@ class AmortizedPosterior:
         """This posterior as a NumPyro guide for its model (SVI, ``Predictive``).
 
         Keyword options (``data``, ``nuisance_guide``, ``prefix``) go to
-        :class:`~numpyro_amortized.AmortizedGuide`.
+        :class:`~numpyro_amortized.AmortizedGuide`. With Bayesian weights
+        (:attr:`is_bayesian`) it is a
+        :class:`~numpyro_amortized.BayesianAmortizedGuide` (also ``kl_scale``),
+        whose weights are latent sites: use it with
+        ``guide.model_with_weight_prior()``.
 
         Example:
             >>> guide = posterior.as_guide()  # doctest: +SKIP
@@ -437,6 +441,10 @@ class AmortizedPosterior:
         """
         from numpyro_amortized.guides import AmortizedGuide
 
+        if self.is_bayesian:
+            from numpyro_amortized.bayesian_guide import BayesianAmortizedGuide
+
+            return BayesianAmortizedGuide(self.model, self, **options)
         return AmortizedGuide(self.model, self, **options)
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:

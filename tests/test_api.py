@@ -12,6 +12,7 @@ def test_public_names():
         "AmortizedModel",
         "AmortizedPosterior",
         "BankMismatchError",
+        "BayesianAmortizedGuide",
         "EncoderGuide",
         "EpistemicSummary",
         "FlowDistribution",
