@@ -35,6 +35,7 @@ from numpyro.distributions import biject_to
 from numpyro.distributions.transforms import IdentityTransform, IndependentTransform
 from numpyro.infer.autoguide import AutoGuide
 
+from ..networks.bayesian import is_bayesian
 from .families import default_encoder
 from .structure import (
     LocalSite,
@@ -188,9 +189,21 @@ class EncoderGuide:
             )
         if choice is None:
             choice = default_encoder(site)
-        if isinstance(choice, nnx.Module):
-            return choice
-        return choice.build(input_dim, site, rngs=rngs)
+        module = (
+            choice
+            if isinstance(choice, nnx.Module)
+            else choice.build(input_dim, site, rngs=rngs)
+        )
+        if is_bayesian(module):
+            # The guide registers the encoder through nnx_module, which would run
+            # the mean network and leave the log-variances without gradients.
+            raise NotImplementedError(
+                f"EncoderGuide: the encoder for local site {site.name!r} has Bayesian "
+                "weights (na.networks.bayesian), which encoder guides do not support "
+                "yet. Pass the plain encoder spec, or use na.bayesian_nnx_module in a "
+                "hand-written guide."
+            )
+        return module
 
     def _setup(self, trace: dict) -> None:
         structure = find_local_structure(
