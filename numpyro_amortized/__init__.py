@@ -8,6 +8,7 @@ describes its latent space.
 from numpyro_amortized import diagnostics, encoders, networks
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
 from numpyro_amortized.blackbox import NumpySimulator
+from numpyro_amortized.disk_bank import DiskBank, simulate_to_disk
 from numpyro_amortized.encoders import EncoderGuide
 from numpyro_amortized.history import History
 from numpyro_amortized.io import load
@@ -27,6 +28,7 @@ __all__ = [
     "AmortizedModel",
     "AmortizedPosterior",
     "BankMismatchError",
+    "DiskBank",
     "EncoderGuide",
     "History",
     "InvalidSimulationWarning",
@@ -46,4 +48,5 @@ __all__ = [
     "load_simulations",
     "networks",
     "save_simulations",
+    "simulate_to_disk",
 ]

@@ -234,6 +234,8 @@ class AmortizedPosterior:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         resume_from: str | os.PathLike | None = None,
+        devices: Sequence[Any] | None = None,
+        chunk_size: int | None = None,
     ) -> History:
         """Train on a fixed simulation budget (offline).
 
@@ -248,10 +250,15 @@ class AmortizedPosterior:
         best weights. One epoch is one jitted ``lax.scan``. Calling ``fit`` again
         continues training (standardization is kept from the first call).
 
+        A :class:`~numpyro_amortized.DiskBank` as ``simulations`` (a bank larger
+        than memory, see :func:`~numpyro_amortized.simulate_to_disk`) is streamed
+        from disk in chunks (:mod:`numpyro_amortized.streaming`).
+
         Args:
             rng_key: JAX PRNG key.
             num_simulations: simulations per round (if ``simulations`` is None).
-            simulations: a bank ``{site: array}`` with a leading simulation axis.
+            simulations: a bank ``{site: array}`` with a leading simulation axis,
+                or a :class:`~numpyro_amortized.DiskBank`.
             sample_kwargs: per-batch model arguments for simulation (e.g. a random
                 ``n_obs``); datasets are then padded and masked.
             num_rounds: rounds of simulate-then-train.
@@ -271,6 +278,12 @@ class AmortizedPosterior:
                 interrupted ``fit`` with the same ``rng_key`` and settings;
                 training continues where it stopped and ends with exactly the
                 weights of an uninterrupted run.
+            devices: devices for data-parallel training (default: all of
+                ``jax.devices()``; with more than one, each batch is split over
+                them, see :mod:`numpyro_amortized.sharding`); ``batch_size`` must
+                be a multiple of their number.
+            chunk_size: rows per streamed chunk when ``simulations`` is a
+                ``DiskBank`` (default: about 64 MB of rows).
 
         Returns:
             The :class:`~numpyro_amortized.History` (also ``self.history``).
@@ -293,6 +306,8 @@ class AmortizedPosterior:
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             resume_from=resume_from,
+            devices=devices,
+            chunk_size=chunk_size,
         )
 
     def fit_online(
@@ -309,6 +324,7 @@ class AmortizedPosterior:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         resume_from: str | os.PathLike | None = None,
+        devices: Sequence[Any] | None = None,
     ) -> History:
         """Train on fresh simulations every step (simulated inside the jitted step).
 
@@ -332,6 +348,8 @@ class AmortizedPosterior:
             checkpoint_dir: as for :meth:`fit` (an epoch is ``steps_per_epoch``).
             checkpoint_every: epochs between checkpoints.
             resume_from: as for :meth:`fit`.
+            devices: as for :meth:`fit`; each device simulates its own share of
+                every batch.
         """
         from numpyro_amortized import fitting
 
@@ -348,6 +366,7 @@ class AmortizedPosterior:
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             resume_from=resume_from,
+            devices=devices,
         )
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -390,7 +409,13 @@ class AmortizedPosterior:
         return self._jitted[name]
 
     def sample(
-        self, rng_key: jax.Array, data: dict, num_samples: int = 1000
+        self,
+        rng_key: jax.Array,
+        data: dict,
+        num_samples: int = 1000,
+        *,
+        chunk_size: int | None = None,
+        progress: bool | None = None,
     ) -> dict[str, jax.Array]:
         """Posterior draws of the targets, in the constrained space.
 
@@ -399,12 +424,33 @@ class AmortizedPosterior:
             data: ``{observed site: array}`` for one dataset, or with leading
                 dataset axes (a batch of datasets).
             num_samples: draws per dataset.
+            chunk_size: for a batch, process this many datasets at a time and
+                return NumPy arrays in host memory (for batches whose draws do
+                not fit on the device; see :mod:`numpyro_amortized.chunked`).
+                The draws equal the unchunked ones.
+            progress: progress bar over chunks (default: when there is more
+                than one).
 
         Returns:
             ``{target: (*batch, num_samples, *site_shape)}``. In a batch, dataset
             ``b`` (flat index) gets exactly the draws of
             ``sample(jax.random.split(rng_key, B)[b], data_b, num_samples)``.
+
+        Example:
+            >>> draws = posterior.sample(  # doctest: +SKIP
+            ...     key, {"x": x_many}, 100, chunk_size=10_000)  # 10^6 datasets
         """
+        if chunk_size is not None:
+            from numpyro_amortized.chunked import sample_in_chunks
+
+            return sample_in_chunks(
+                self,
+                rng_key,
+                data,
+                num_samples,
+                chunk_size=chunk_size,
+                progress=progress,
+            )
         f = self._require()
         batch, x, mask = self._data_arrays(data)
         graphdef, rest, space = f.graphdef, f.rest, f.space

@@ -11,6 +11,7 @@ def test_public_names():
         "AmortizedModel",
         "AmortizedPosterior",
         "BankMismatchError",
+        "DiskBank",
         "EncoderGuide",
         "History",
         "NotFittedError",
@@ -30,6 +31,7 @@ def test_public_names():
         "load_simulations",
         "networks",
         "save_simulations",
+        "simulate_to_disk",
     }
     for name in na.__all__:
         assert hasattr(na, name), name
