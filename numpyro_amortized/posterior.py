@@ -154,7 +154,9 @@ class AmortizedPosterior:
         u = self._unconstrain_bank(space, sims)
         theta_std = Standardizer.fit(u[np.isfinite(u).all(axis=1)])
         x, mask = layout.to_network(sims, batch_ndim=1)
-        x_std = Standardizer.fit(np.asarray(x), None if mask is None else mask)
+        x = np.asarray(x)
+        rows = np.isfinite(x.reshape(len(x), -1)).all(axis=1)  # drop broken rows
+        x_std = Standardizer.fit(x[rows], None if mask is None else mask[rows])
         summary_spec = self.summary_net
         if summary_spec is None and layout.is_set:
             summary_spec = nets.DeepSet()
