@@ -10,8 +10,9 @@ JAX picks (the JSON records ``jax.devices()[0].device_kind``):
 * posterior draws/s for 1,000 datasets x 1,000 draws, and a chunked ``sample``
   over 10^6 datasets (``chunk_size=``, progress bar);
 * blackjax NUTS vmapped over 1,000 and 10,000 datasets (300 steps of window
-  adaptation, then 500 draws) against the amortized posterior on the same datasets and device, with
-  the error of each posterior mean against the exact (conjugate) one;
+  adaptation, then 500 draws) against the amortized posterior on the same
+  datasets and device, with the error of each posterior mean against the exact
+  (conjugate) one;
 * with ``--big``: 10^7 simulations (~8.6 GB) simulated to disk in chunks and
   trained on by streaming, in a child process whose peak resident memory is
   reported (``ru_maxrss``).
@@ -316,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
         print(name, json.dumps(value), flush=True)
 
     if "simulate" in sections:
-        record("simulate", bench_simulate(10**4 if q else 10**6, 8_192 if q else 65_536))
+        num, chunk = (10**4, 8_192) if q else (10**6, 65_536)
+        record("simulate", bench_simulate(num, chunk))
     post = None
     if sections & {"train", "sample", "nuts"}:
         rows = []
