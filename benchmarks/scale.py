@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             "peak_rss_mb_so_far": peak_rss_mb(),
         }
         print(name, json.dumps(value), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))  # partial results survive
 
     if "simulate" in sections:
         num, chunk = (10**4, 8_192) if q else (10**6, 65_536)
@@ -343,8 +345,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     if "big" in sections:
         record("big_streaming", run_big(10**5 if q else ns.big_size, 1_024))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
     print(f"wrote {out}")
     return 0
 
