@@ -54,7 +54,7 @@ class DiskBank:
         shapes: per-simulation shape of each site.
         dtypes: dtype of each site.
 
-    Example:
+    Examples:
         >>> import jax, numpyro_amortized as na
         >>> from numpyro_amortized.models import gaussian_means
         >>> bank = na.simulate_to_disk(  # doctest: +SKIP
@@ -298,7 +298,7 @@ def simulate_to_disk(
     Returns:
         The opened :class:`DiskBank`.
 
-    Example:
+    Examples:
         >>> import jax, numpyro_amortized as na
         >>> from numpyro_amortized.models import gaussian_means
         >>> bank = na.simulate_to_disk(  # doctest: +SKIP

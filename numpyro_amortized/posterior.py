@@ -438,7 +438,7 @@ class AmortizedPosterior:
             ``b`` (flat index) gets exactly the draws of
             ``sample(jax.random.split(rng_key, B)[b], data_b, num_samples)``.
 
-        Example:
+        Examples:
             >>> draws = posterior.sample(  # doctest: +SKIP
             ...     key, {"x": x_many}, 100, chunk_size=10_000)  # 10^6 datasets
         """

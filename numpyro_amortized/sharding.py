@@ -16,7 +16,7 @@ devices of every process and the same code trains across hosts: each process
 computes (and, in ``fit_online``, simulates) the examples of its own devices,
 and only gradients cross the network.
 
-Example:
+Examples:
     >>> import jax
     >>> from numpyro_amortized.sharding import data_parallel
     >>> parallel = data_parallel(jax.devices())   # None with a single device
@@ -108,7 +108,7 @@ def data_parallel(devices: Sequence[Any] | None = None) -> DataParallel | None:
     Raises:
         ValueError: an empty list or repeated devices.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from numpyro_amortized.sharding import data_parallel
         >>> p = data_parallel(jax.devices()[:1])

@@ -62,7 +62,7 @@ def chunk_plan(rng_key: jax.Array, num_rows: int, chunk_size: int) -> np.ndarray
     ``num_rows``) start at a random offset, so no row is in two chunks; their
     order is a random permutation.
 
-    Example:
+    Examples:
         >>> import jax
         >>> chunk_plan(jax.random.key(0), 10, 3).tolist()  # doctest: +SKIP
         [8, 2, 5]
