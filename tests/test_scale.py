@@ -95,26 +95,37 @@ def held_out_nll(post, test):
     return -float(post.log_prob({"mu": test["mu"]}, {"x": test["x"]}).mean())
 
 
-def test_streamed_training_matches_in_memory_training(bank_and_sims, streamed):
-    _, sims = bank_and_sims
-    post, hist, fit = streamed
+def exact_nll(test):
+    mean, sd = gaussian_means_posterior(jnp.asarray(test["x"]))
+    return -stats.norm(mean, sd).logpdf(test["mu"]).sum(-1).mean()
+
+
+def test_streamed_training_learns_the_posterior(streamed):
+    post, hist, _ = streamed
     assert hist.num_epochs == 6 and hist.num_steps == 6 * 3 * (448 // 64)
     assert hist.num_simulations == 1_500 and hist.num_invalid == 1
     assert np.isfinite(hist.train_loss).all() and np.isfinite(hist.val_loss).all()
     assert post._train_fns[0]._cache_size() == 1  # one program for all chunks
+    # The held-out density of the true parameters is close to that of the exact
+    # posterior (the prior's is ~2.8 nats worse).
+    test = gaussian_means.simulate(jax.random.key(9), 500, **KW)
+    assert held_out_nll(post, test) - exact_nll(test) < 0.2
+
+
+@pytest.mark.slow
+def test_streamed_training_matches_in_memory_training(bank_and_sims, streamed):
+    _, sims = bank_and_sims
+    post, _, fit = streamed
     memory = na.AmortizedPosterior(gaussian_means, model_kwargs=KW, **tiny())
     mem_hist = memory.fit(jax.random.key(2), simulations=sims, progress=False, **fit)
     assert mem_hist.num_invalid == 1
-    # Same data, same budget: the same held-out density of the true parameters,
-    # close to that of the exact posterior (the prior's is ~2.8 nats worse).
+    # Same data, same budget: the same held-out density of the true parameters
+    # (the batches differ, so the loss curves are not identical).
     test = gaussian_means.simulate(jax.random.key(9), 500, **KW)
-    mean, sd = gaussian_means_posterior(jnp.asarray(test["x"]))
-    exact = -stats.norm(mean, sd).logpdf(test["mu"]).sum(-1).mean()
     nll_stream, nll_memory = held_out_nll(post, test), held_out_nll(memory, test)
-    print(f"held-out NLL: exact {exact:.3f} stream {nll_stream:.3f} "
+    print(f"held-out NLL: exact {exact_nll(test):.3f} stream {nll_stream:.3f} "
           f"memory {nll_memory:.3f}")  # fmt: skip
     assert abs(nll_stream - nll_memory) < 0.15
-    assert nll_stream - exact < 0.2
 
 
 def test_chunked_sample_equals_unchunked(streamed, bank_and_sims):
