@@ -305,12 +305,11 @@ def main(argv: list[str] | None = None) -> int:
             "quick": q,
         }
     )
-    stamp = {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
     def record(name: str, value) -> None:
         result[name] = value
         result.setdefault("when", {})[name] = {
-            **stamp,
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "load_average": os.getloadavg(),
             "peak_rss_mb_so_far": peak_rss_mb(),
         }
