@@ -11,6 +11,7 @@ from numpyro_amortized.bayesian_guide import BayesianAmortizedGuide
 from numpyro_amortized.bayesian_sites import bayesian_nnx_module, random_bayesian_module
 from numpyro_amortized.blackbox import NumpySimulator
 from numpyro_amortized.compare import NutsComparison, compare_with_nuts
+from numpyro_amortized.disk_bank import DiskBank, simulate_to_disk
 from numpyro_amortized.encoders import EncoderGuide
 from numpyro_amortized.epistemic import EpistemicSummary
 from numpyro_amortized.flow_distribution import FlowDistribution
@@ -35,6 +36,7 @@ __all__ = [
     "AmortizedPosterior",
     "BankMismatchError",
     "BayesianAmortizedGuide",
+    "DiskBank",
     "EncoderGuide",
     "EpistemicSummary",
     "FlowDistribution",
@@ -60,4 +62,5 @@ __all__ = [
     "networks",
     "random_bayesian_module",
     "save_simulations",
+    "simulate_to_disk",
 ]

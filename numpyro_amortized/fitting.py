@@ -19,7 +19,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from numpyro_amortized.checkpoint import Checkpointer, Position
+from numpyro_amortized.disk_bank import DiskBank
 from numpyro_amortized.history import History
+from numpyro_amortized.sharding import data_parallel, gather_to_host_device
 from numpyro_amortized.simulate import make_batch_simulator
 from numpyro_amortized.train import (
     TrainState,
@@ -83,6 +85,8 @@ def fit_offline(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume_from: str | os.PathLike | None = None,
+    devices: Any = None,
+    chunk_size: int | None = None,
 ) -> History:
     """Body of :meth:`AmortizedPosterior.fit` (see its docstring)."""
     if (num_simulations is None) == (simulations is None):
@@ -91,6 +95,29 @@ def fit_offline(
         "fit": "offline",
         **{k: v for k, v in locals().items() if k in _OFFLINE},
     }
+    parallel = data_parallel(devices)
+    if isinstance(simulations, DiskBank):
+        from numpyro_amortized.streaming import fit_streaming
+
+        settings["simulations"] = simulations.fingerprint()
+        settings["chunk_size"] = chunk_size
+        checkpoint = Checkpointer.create(
+            post, rng_key, checkpoint_dir, checkpoint_every, resume_from, settings
+        )
+        return fit_streaming(
+            post,
+            rng_key,
+            simulations,
+            chunk_size=chunk_size,
+            batch_size=batch_size,
+            max_epochs=max_epochs,
+            learning_rate=learning_rate,
+            validation_fraction=validation_fraction,
+            patience=patience,
+            progress=progress,
+            checkpoint=checkpoint,
+            parallel=parallel,
+        )
     checkpoint = Checkpointer.create(
         post, rng_key, checkpoint_dir, checkpoint_every, resume_from, settings
     )
@@ -131,6 +158,7 @@ def fit_offline(
             patience=patience,
             progress=progress,
             checkpoint=checkpoint,
+            parallel=parallel,
         )
     post.history = history
     return history
@@ -150,6 +178,7 @@ def train_round(
     patience: int,
     progress: bool,
     checkpoint: Checkpointer | None = None,
+    parallel: Any = None,
 ) -> None:
     f = post._require()
     n = arrays[0].shape[0]
@@ -165,15 +194,21 @@ def train_round(
         learning_rate, max_epochs * steps_per_epoch, ema_decay=OFFLINE_EMA_DECAY
     )
     loss_fn = post._loss_fn(num_simulations=n - num_val)
-    epoch = make_epoch(make_train_step(loss_fn, optimizer), batch_size)
-    evaluate = make_evaluate(loss_fn)
+    epoch = make_epoch(
+        make_train_step(loss_fn, optimizer), batch_size, parallel=parallel
+    )
+    evaluate = make_evaluate(loss_fn, parallel=parallel)
+    state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
+    place = (lambda t: t) if parallel is None else parallel.replicate
+    if parallel is not None:
+        parallel.check_batch_size(batch_size, "fit")
+        train, val = place(train), place(val)
     post._train_fns = (epoch, evaluate)
     post._validation = val
-    state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
     run_epochs(
         post,
         rng_key,
-        lambda state, key: epoch(state, train, key),
+        lambda state, key: epoch(place(state), train, key),
         state,
         val,
         evaluate,
@@ -184,6 +219,7 @@ def train_round(
         steps_per_epoch=steps_per_epoch,
         progress=progress,
         checkpoint=checkpoint,
+        parallel=parallel,
     )
 
 
@@ -203,8 +239,12 @@ def run_epochs(
     progress: bool,
     unit: str = "epoch",
     checkpoint: Checkpointer | None = None,
+    parallel: Any = None,
 ) -> None:
-    """Epoch loop: validation, early stopping, restoring the best weights."""
+    """Epoch loop: validation, early stopping, restoring the best weights.
+
+    With ``parallel`` (data-parallel training) the kept weights are gathered back
+    to this process's default device at the end."""
     f = post._require()
     best_params, best_val, since_best = f.params, np.inf, 0
     offset, first = history.num_epochs, 0
@@ -258,6 +298,8 @@ def run_epochs(
             history.stopped_early = True
             break
     bar.close()
+    if parallel is not None:
+        best_params = gather_to_host_device(best_params)
     post._fitted = f._replace(params=best_params)
 
 
@@ -276,6 +318,7 @@ def fit_online(
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
     resume_from: str | os.PathLike | None = None,
+    devices: Any = None,
 ) -> History:
     """Body of :meth:`AmortizedPosterior.fit_online` (see its docstring)."""
     settings = {"fit": "online", **{k: v for k, v in locals().items() if k in _ONLINE}}
@@ -318,19 +361,34 @@ def fit_online(
     num_kl = num_effective_simulations or num_epochs * steps_per_epoch * batch_size
     loss_fn = post._loss_fn(num_simulations=num_kl)
     step = make_train_step(loss_fn, optimizer)
+    parallel = data_parallel(devices)
+    if parallel is not None:
+        parallel.check_batch_size(batch_size, "fit_online")
+        val = parallel.replicate(val)
 
     @jax.jit
     def run_epoch(state, key):
         def body(state, k):
             sim_key, loss_key = jax.random.split(k)
-            inputs, weights = preprocess(simulate_batch(sim_key, batch_size))
-            return step(state, (inputs, weights), loss_key)
+            values = simulate_batch(sim_key, batch_size)
+            if parallel is not None:  # each device simulates its own shard
+                values = parallel.shard(values)
+            inputs, weights = preprocess(values)
+            if parallel is not None:
+                inputs, weights = parallel.shard((inputs, weights))
+            state, info = step(state, (inputs, weights), loss_key)
+            if parallel is not None:
+                state = parallel.keep_replicated(state)
+            return state, info
 
         return jax.lax.scan(body, state, jax.random.split(key, steps_per_epoch))
 
-    evaluate = make_evaluate(loss_fn)
+    evaluate = make_evaluate(loss_fn, parallel=parallel)
     post._train_fns = (run_epoch, evaluate)
     post._validation = val
+    if parallel is not None:
+        epoch_fn = run_epoch
+        run_epoch = lambda state, key: epoch_fn(parallel.replicate(state), key)  # noqa: E731
     history.num_invalid += info.num_invalid + dropped
     history.num_simulations = num_epochs * steps_per_epoch * batch_size
     state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
@@ -348,6 +406,7 @@ def fit_online(
         steps_per_epoch=steps_per_epoch,
         progress=progress,
         checkpoint=checkpoint,
+        parallel=parallel,
     )
     post.history = history
     return history

@@ -160,7 +160,9 @@ class AmortizedPosterior:
         u = self._unconstrain_bank(space, sims)
         theta_std = Standardizer.fit(u[np.isfinite(u).all(axis=1)])
         x, mask = layout.to_network(sims, batch_ndim=1)
-        x_std = Standardizer.fit(np.asarray(x), None if mask is None else mask)
+        x = np.asarray(x)
+        rows = np.isfinite(x.reshape(len(x), -1)).all(axis=1)  # drop broken rows
+        x_std = Standardizer.fit(x[rows], None if mask is None else mask[rows])
         summary_spec = self.summary_net
         if summary_spec is None and layout.is_set:
             summary_spec = nets.DeepSet()
@@ -246,6 +248,8 @@ class AmortizedPosterior:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         resume_from: str | os.PathLike | None = None,
+        devices: Sequence[Any] | None = None,
+        chunk_size: int | None = None,
     ) -> History:
         """Train on a fixed simulation budget (offline).
 
@@ -260,10 +264,15 @@ class AmortizedPosterior:
         best weights. One epoch is one jitted ``lax.scan``. Calling ``fit`` again
         continues training (standardization is kept from the first call).
 
+        A :class:`~numpyro_amortized.DiskBank` as ``simulations`` (a bank larger
+        than memory, see :func:`~numpyro_amortized.simulate_to_disk`) is streamed
+        from disk in chunks (:mod:`numpyro_amortized.streaming`).
+
         Args:
             rng_key: JAX PRNG key.
             num_simulations: simulations per round (if ``simulations`` is None).
-            simulations: a bank ``{site: array}`` with a leading simulation axis.
+            simulations: a bank ``{site: array}`` with a leading simulation axis,
+                or a :class:`~numpyro_amortized.DiskBank`.
             sample_kwargs: per-batch model arguments for simulation (e.g. a random
                 ``n_obs``); datasets are then padded and masked.
             num_rounds: rounds of simulate-then-train.
@@ -283,6 +292,12 @@ class AmortizedPosterior:
                 interrupted ``fit`` with the same ``rng_key`` and settings;
                 training continues where it stopped and ends with exactly the
                 weights of an uninterrupted run.
+            devices: devices for data-parallel training (default: all of
+                ``jax.devices()``; with more than one, each batch is split over
+                them, see :mod:`numpyro_amortized.sharding`); ``batch_size`` must
+                be a multiple of their number.
+            chunk_size: rows per streamed chunk when ``simulations`` is a
+                ``DiskBank`` (default: about 64 MB of rows).
 
         Returns:
             The :class:`~numpyro_amortized.History` (also ``self.history``).
@@ -305,6 +320,8 @@ class AmortizedPosterior:
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             resume_from=resume_from,
+            devices=devices,
+            chunk_size=chunk_size,
         )
 
     def fit_online(
@@ -322,6 +339,7 @@ class AmortizedPosterior:
         checkpoint_dir: str | os.PathLike | None = None,
         checkpoint_every: int = 1,
         resume_from: str | os.PathLike | None = None,
+        devices: Sequence[Any] | None = None,
     ) -> History:
         """Train on fresh simulations every step (simulated inside the jitted step).
 
@@ -349,6 +367,8 @@ class AmortizedPosterior:
             checkpoint_dir: as for :meth:`fit` (an epoch is ``steps_per_epoch``).
             checkpoint_every: epochs between checkpoints.
             resume_from: as for :meth:`fit`.
+            devices: as for :meth:`fit`; each device simulates its own share of
+                every batch.
         """
         from numpyro_amortized import fitting
 
@@ -366,6 +386,7 @@ class AmortizedPosterior:
             checkpoint_dir=checkpoint_dir,
             checkpoint_every=checkpoint_every,
             resume_from=resume_from,
+            devices=devices,
         )
 
     def fit_elbo(
@@ -493,6 +514,8 @@ class AmortizedPosterior:
         num_samples: int = 1000,
         *,
         num_networks: int | None = None,
+        chunk_size: int | None = None,
+        progress: bool | None = None,
     ) -> dict[str, jax.Array]:
         """Posterior draws of the targets, in the constrained space.
 
@@ -505,6 +528,12 @@ class AmortizedPosterior:
                 (:func:`~numpyro_amortized.networks.bayesian`), draw from this
                 many networks sampled from the weight posterior; None uses the
                 mean network.
+            chunk_size: for a batch, process this many datasets at a time and
+                return NumPy arrays in host memory (for batches whose draws do
+                not fit on the device; see :mod:`numpyro_amortized.chunked`).
+                The draws equal the unchunked ones.
+            progress: progress bar over chunks (default: when there is more
+                than one).
 
         Returns:
             ``{target: (*batch, num_samples, *site_shape)}``. In a batch, dataset
@@ -512,11 +541,31 @@ class AmortizedPosterior:
             ``sample(jax.random.split(rng_key, B)[b], data_b, num_samples)``.
             With ``num_networks=K`` a leading network axis is added:
             ``(K, *batch, num_samples, *site_shape)``.
+
+        Examples:
+            >>> draws = posterior.sample(  # doctest: +SKIP
+            ...     key, {"x": x_many}, 100, chunk_size=10_000)  # 10^6 datasets
         """
+        if num_networks is not None and chunk_size is not None:
+            raise ValueError(
+                "sample: num_networks and chunk_size cannot be combined yet; "
+                "sample the networks in a loop over chunks of datasets."
+            )
         if num_networks is not None:
             from numpyro_amortized.epistemic import sample_networks
 
             return sample_networks(self, rng_key, data, num_samples, num_networks)
+        if chunk_size is not None:
+            from numpyro_amortized.chunked import sample_in_chunks
+
+            return sample_in_chunks(
+                self,
+                rng_key,
+                data,
+                num_samples,
+                chunk_size=chunk_size,
+                progress=progress,
+            )
         f = self._require()
         batch, x, mask = self._data_arrays(data)
         graphdef, rest, space = f.graphdef, f.rest, f.space

@@ -13,11 +13,14 @@ A *loss function* has the signature ``loss_fn(params, rng_key, batch) -> (B,)``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+if TYPE_CHECKING:
+    from numpyro_amortized.sharding import DataParallel
 
 __all__ = [
     "AveragedState",
@@ -171,7 +174,11 @@ def make_train_step(
 
 
 def make_epoch(
-    step: Callable, batch_size: int
+    step: Callable,
+    batch_size: int,
+    *,
+    parallel: DataParallel | None = None,
+    weighted: bool = False,
 ) -> Callable[[TrainState, Any, jax.Array], tuple[TrainState, StepInfo]]:
     """One epoch as a single jitted ``lax.scan`` over shuffled minibatches.
 
@@ -179,6 +186,15 @@ def make_epoch(
     (a pytree with a leading example axis), drops the last incomplete batch (a new
     permutation every epoch, so every example is used over epochs) and returns the
     final state and the stacked per-step infos.
+
+    Args:
+        step: a train step from :func:`make_train_step`.
+        batch_size: examples per step.
+        parallel: data-parallel layout (:mod:`numpyro_amortized.sharding`): each
+            batch is split over the devices, the state stays replicated. ``data``
+            and ``state`` should be replicated (``parallel.replicate``).
+        weighted: ``data`` is ``(inputs, weights)``; examples with weight 0 do not
+            count (default: every example has weight 1).
     """
 
     def epoch(state: TrainState, data: Any, rng_key: jax.Array):
@@ -192,23 +208,37 @@ def make_epoch(
         def body(state, xs):
             idx, key = xs
             batch = jax.tree.map(lambda a: a[idx], data)
-            return step(state, (batch, None), key)
+            if parallel is not None:
+                batch = parallel.shard(batch)
+            state, info = step(state, batch if weighted else (batch, None), key)
+            if parallel is not None:
+                state = parallel.keep_replicated(state)
+            return state, info
 
         return jax.lax.scan(body, state, (perm, keys))
 
     return jax.jit(epoch)
 
 
-def make_evaluate(loss_fn: Callable, chunk_size: int = 1024) -> Callable:
+def make_evaluate(
+    loss_fn: Callable,
+    chunk_size: int = 1024,
+    *,
+    parallel: DataParallel | None = None,
+) -> Callable:
     """``evaluate(params, data, rng_key) -> mean loss`` over all of ``data``.
 
     Runs in chunks (``lax.map``) so memory stays bounded; the data are padded to a
-    whole number of chunks and the padding is given zero weight.
+    whole number of chunks and the padding is given zero weight. With
+    ``parallel`` each chunk is split over the devices (its size rounded up to a
+    multiple of their number).
     """
 
     def evaluate(params: Any, data: Any, rng_key: jax.Array) -> jax.Array:
         n = jax.tree.leaves(data)[0].shape[0]
         size = min(chunk_size, n)
+        if parallel is not None:  # whole shards per device
+            size = -(-size // parallel.num_devices) * parallel.num_devices
         num = -(-n // size)
         pad = num * size - n
 
@@ -222,6 +252,8 @@ def make_evaluate(loss_fn: Callable, chunk_size: int = 1024) -> Callable:
 
         def one(xs):
             chunk, w, key = xs
+            if parallel is not None:
+                chunk, w = parallel.shard((chunk, w))
             losses = loss_fn(params, key, chunk)
             return jnp.sum(jnp.where(w > 0, losses, 0.0))
 

@@ -13,6 +13,7 @@ def test_public_names():
         "AmortizedPosterior",
         "BankMismatchError",
         "BayesianAmortizedGuide",
+        "DiskBank",
         "EncoderGuide",
         "EpistemicSummary",
         "FlowDistribution",
@@ -38,6 +39,7 @@ def test_public_names():
         "networks",
         "random_bayesian_module",
         "save_simulations",
+        "simulate_to_disk",
     }
     for name in na.__all__:
         assert hasattr(na, name), name
