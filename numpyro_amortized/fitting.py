@@ -99,6 +99,13 @@ def fit_offline(
     if isinstance(simulations, DiskBank):
         from numpyro_amortized.streaming import fit_streaming
 
+        if num_rounds != 1 or sample_kwargs is not None:
+            raise ValueError(
+                "fit(simulations=DiskBank) trains on the bank as it is: "
+                "num_rounds and sample_kwargs do not apply (simulate a new bank "
+                "with na.simulate_to_disk for another round)."
+            )
+
         settings["simulations"] = simulations.fingerprint()
         settings["chunk_size"] = chunk_size
         checkpoint = Checkpointer.create(

@@ -112,6 +112,14 @@ def test_streamed_training_learns_the_posterior(streamed):
     assert held_out_nll(post, test) - exact_nll(test) < 0.2
 
 
+def test_disk_bank_refuses_rounds_and_sample_kwargs(bank_and_sims):
+    bank, _ = bank_and_sims
+    post = na.AmortizedPosterior(gaussian_means, model_kwargs=KW, **tiny())
+    for bad in ({"num_rounds": 2}, {"sample_kwargs": lambda k: {"n_obs": 5}}):
+        with pytest.raises(ValueError, match="num_rounds and sample_kwargs"):
+            post.fit(jax.random.key(0), simulations=bank, progress=False, **bad)
+
+
 @pytest.mark.slow
 def test_streamed_training_matches_in_memory_training(bank_and_sims, streamed):
     _, sims = bank_and_sims
