@@ -205,7 +205,7 @@ def train_round(
         make_train_step(loss_fn, optimizer), batch_size, parallel=parallel
     )
     evaluate = make_evaluate(loss_fn, parallel=parallel)
-    state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
+    state = TrainState.create(f.params, optimizer)
     place = (lambda t: t) if parallel is None else parallel.replicate
     if parallel is not None:
         parallel.check_batch_size(batch_size, "fit")
@@ -398,7 +398,7 @@ def fit_online(
         run_epoch = lambda state, key: epoch_fn(parallel.replicate(state), key)  # noqa: E731
     history.num_invalid += info.num_invalid + dropped
     history.num_simulations = num_epochs * steps_per_epoch * batch_size
-    state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
+    state = TrainState.create(f.params, optimizer)
     run_epochs(
         post,
         train_key,

@@ -195,7 +195,7 @@ def fit_streaming(
         return state, infos
 
     f = post._require()
-    state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
+    state = TrainState.create(f.params, optimizer)
     history.num_simulations += n
     run_epochs(
         post,

@@ -48,6 +48,11 @@ class TrainState(NamedTuple):
     opt_state: Any
     step: jax.Array
 
+    @classmethod
+    def create(cls, params: Any, optimizer: Any) -> TrainState:
+        """The state before the first step: ``optimizer.init(params)``, step 0."""
+        return cls(params, optimizer.init(params), jnp.zeros((), jnp.int32))
+
 
 class StepInfo(NamedTuple):
     """Diagnostics of one optimizer step.

@@ -121,7 +121,7 @@ def fit_elbo(
     evaluate = make_evaluate(loss_fn)
     history.num_invalid += info.num_invalid + int((~keep).sum())
     history.num_simulations = num_epochs * steps_per_epoch * batch_size
-    state = TrainState(f.params, optimizer.init(f.params), jnp.zeros((), jnp.int32))
+    state = TrainState.create(f.params, optimizer)
     run_epochs(
         post,
         train_key,
