@@ -17,6 +17,11 @@ replayed against the guide, scores the same datapoints with the same ``N / B``
 scale) and samples every local site from its encoder distribution. Under ``jit``
 the extra model run costs nothing beyond the observation it reads (the rest is
 dead code).
+
+Bayesian encoder weights (an encoder spec wrapped in ``na.networks.bayesian``)
+are latent sites ``"{prefix}/<path>"`` drawn once per call outside the data
+plate (:mod:`.bayesian`); the model then needs their prior sites,
+:meth:`EncoderGuide.model_with_weight_prior`.
 """
 
 from __future__ import annotations
@@ -56,8 +61,8 @@ __all__ = ["EncoderGuide", "EncoderNetwork"]
 class EncoderNetwork(nnx.Module):
     """One encoder module per local site: ``h -> {site: q(z_site | x)}``.
 
-    A plain nnx module (its weights can be made Bayesian with
-    ``numpyro.contrib.module.random_nnx_module``).
+    A plain nnx module; a site's module may hold Bayesian weights (an encoder
+    spec wrapped in ``na.networks.bayesian``), which the guide samples.
     """
 
     def __init__(self, modules: Mapping[str, nnx.Module]):
@@ -93,7 +98,10 @@ class EncoderGuide:
             for continuous sites, ``BernoulliEncoder`` / ``CategoricalEncoder`` for
             discrete ones. A module maps ``(B, input_dim)`` to a distribution with
             batch shape ``(B, ...)`` over the site's per-datapoint value (in the
-            unconstrained space for continuous sites).
+            unconstrained space for continuous sites). A spec wrapped in
+            ``na.networks.bayesian(spec, include=..., exclude=...)`` gives the
+            selected encoder weights a mean-field Gaussian posterior (train
+            against :meth:`model_with_weight_prior`).
         observed: the encoder's input sites; default: the observed sites in the
             data plate (``model.observed`` for an ``AmortizedModel``).
         plate: name of the data plate; default: found by tracing the model.
