@@ -234,23 +234,32 @@ def test_point_encoder_model_with_weight_prior_is_a_clear_error():
 
 @pytest.mark.slow
 def test_more_data_shrink_the_weight_variances_and_keep_the_posterior():
-    """Linear Normal encoder with a Bayesian kernel on pPCA, 3000 steps of batch 20:
-    with 2000 datapoints instead of 20 the learned weight variances and the spread
-    of the encodings across weight draws shrink (the KL counts once, the data term
-    N times), and the mean encoder still matches the analytic posterior."""
-    num_steps, batch = 3000, 20
+    """Linear Normal encoder with a Bayesian kernel on pPCA, 3000 steps of batch 100
+    (all 20 for N = 20): with 2000 datapoints instead of 20 the learned weight
+    variances and the spread of the encodings across weight draws shrink (the KL
+    counts once, the data term N times; a weight's posterior variance falls about
+    as 1 / N once the data dominate the prior), and the mean encoder still matches
+    the analytic posterior. Measured: mean log-variance -4.87 at N = 20 and -8.26
+    at N = 2000 (not yet converged: -8.9 after 6000 steps at a higher final
+    learning rate), relative spread 0.385 and 0.089; at N = 2000 the mean encoder's
+    largest mean error is 0.04 posterior sd, its largest scale error 4%. 25 s.
+    """
+    num_steps = 3000
     x_new = ppca_data(jax.random.key(7), 200)
     log_var, spread = {}, {}
     for n in (20, 2000):
         x = ppca_data(jax.random.key(n), n)
-        guide = bayes_guide(include=["net.**"], exclude=["**.bias"], hidden=())
+        batch = min(n, 100)
+        guide = bayes_guide(
+            include=["net.**"], exclude=["**.bias"], hidden=(), init_logvar=-6.0
+        )
         svi = SVI(
             guide.model_with_weight_prior(),
             guide,
             optax.adam(optax.exponential_decay(3e-2, num_steps, 0.01)),
             TraceMeanField_ELBO(),
         )
-        state = jax.jit(lambda k, x=x, svi=svi: svi.init(k, x, batch))(
+        state = jax.jit(lambda k, x=x, svi=svi, b=batch: svi.init(k, x, b))(
             jax.random.key(1)
         )
         result = svi.run(
@@ -274,8 +283,9 @@ def test_more_data_shrink_the_weight_variances_and_keep_the_posterior():
             f"{float(scale_err.max()):.3f}"
         )
     # N = 2000: the mean encoder is the analytic posterior (mean within 0.2 sd,
-    # scale within 5% on average and 20% everywhere)
+    # scale within 10%)
     assert float(mean_err.max()) < 0.2
-    assert float(scale_err.mean()) < 0.05 and float(scale_err.max()) < 0.2
-    assert float(log_var[2000].mean()) < float(log_var[20].mean()) - 2.0, log_var
-    assert spread[2000] < 0.5 * spread[20], spread
+    assert float(scale_err.max()) < 0.1
+    # 100x the data: weight variances over 12x smaller (e^2.5), spread under 0.35x
+    assert float(log_var[2000].mean()) < float(log_var[20].mean()) - 2.5, log_var
+    assert spread[2000] < 0.35 * spread[20], spread
