@@ -123,6 +123,40 @@ def test_only_included_paths_are_bayesian():
         "sites.z.net.net.hidden_layers.0.kernel",
         "sites.z.net.net.output_layer.bias",
     ]
+    # the guide returns (and sample_posterior draws) the weights with the latents
+    draws = jax.eval_shape(
+        lambda p: guide.sample_posterior(jax.random.key(1), p, X20, sample_shape=(3,)),
+        shapes,
+    )
+    assert {n: v.shape for n, v in draws.items()} == {
+        f"encoder/{kernel}": (3, 4, 2 * K),
+        "z": (3, 20, K),
+    }
+    # minibatches of 5 of 20: z and x scaled by N / B = 4 (the data plate), the
+    # weight sites on both sides by 1 (outside every plate: the KL counts once)
+    scales = {}
+
+    def traces(params):
+        seeded = handlers.substitute(handlers.seed(guide, 0), data=params)
+        guide_tr = handlers.trace(seeded).get_trace(X20, 5)
+        model = guide.model_with_weight_prior()
+        model = handlers.replay(handlers.seed(model, 1), guide_tr)
+        model_tr = handlers.trace(model).get_trace(X20, 5)
+        for name, tr in (("guide", guide_tr), ("model", model_tr)):
+            scales.update(
+                {f"{name} {s}": tr[s]["scale"] for s in ("z", f"encoder/{kernel}")}
+            )
+        scales["model x"] = model_tr["x"]["scale"]
+
+    jax.eval_shape(traces, shapes)
+    w = f"encoder/{kernel}"
+    assert scales == {  # (the weight sites' scale is kl_scale)
+        "guide z": 4.0,
+        "model z": 4.0,
+        "model x": 4.0,
+        f"guide {w}": 1.0,
+        f"model {w}": 1.0,
+    }
 
 
 def test_weight_draws_differ_between_keys_and_repeat_with_the_same_key(

@@ -385,14 +385,20 @@ class EncoderGuide:
 
     # ----------------------------------------------------------------- call
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
-        """Samples the global sites (AutoGuide part) and every local site."""
+        """Samples the global sites (AutoGuide part), the Bayesian encoder weights
+        (if any) and every local site; returns ``{site: value}`` of all of them."""
         trace = self._trace_model(args, kwargs)
         if self.structure is None:
             self._setup(trace)
         values: dict[str, jax.Array] = {}
         if self.global_guide is not None:
             values.update(self.global_guide(*args, **kwargs))
-        qs = self._encoder()(self._features(trace))
+        with handlers.trace() as weight_trace:
+            network = self._encoder()
+        values.update(
+            {n: m["value"] for n, m in weight_trace.items() if m["type"] == "sample"}
+        )
+        qs = network(self._features(trace))
         structure = self.structure
         plate_msg = trace[structure.plate]
         size, subsample_size = plate_msg["args"]
