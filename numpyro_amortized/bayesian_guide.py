@@ -42,15 +42,86 @@ from numpyro_amortized.networks.bayesian_paths import format_path
 if TYPE_CHECKING:
     from numpyro_amortized.posterior import AmortizedPosterior
 
-__all__ = ["BayesianAmortizedGuide"]
+__all__ = [
+    "BayesianAmortizedGuide",
+    "BayesianWeight",
+    "find_bayesian_weights",
+    "sample_bayesian_weight_prior",
+    "sample_bayesian_weights",
+]
 
 
-class _Weight(NamedTuple):
+class BayesianWeight(NamedTuple):
+    """One selected weight array of a network holding ``BayesianModule`` parts."""
+
     name: str  # path in the whole network, "flow.net.couplings.0...."
     mean_path: tuple  # of the mean (the wrapped network's parameter)
     log_var_path: tuple  # of its LogVariance
     prior: dist.Distribution  # scalar prior of the module
     shape: tuple[int, ...]
+
+
+def find_bayesian_weights(net: nnx.Module) -> tuple[BayesianWeight, ...]:
+    """Every selected weight of every ``BayesianModule`` inside ``net``.
+
+    Shared by :class:`BayesianAmortizedGuide` and the encoder guide.
+    """
+    flat = dict(nnx.to_flat_state(nnx.state(net, nnx.Param)))
+    return tuple(
+        BayesianWeight(
+            format_path((*where, "net", *p)),
+            (*where, "net", *p),
+            (*where, "log_variances", i),
+            module.prior,
+            tuple(flat[(*where, "net", *p)][...].shape),
+        )
+        for where, module in bayesian_modules(net)
+        for i, p in enumerate(module.paths)
+    )
+
+
+def sample_bayesian_weights(
+    prefix: str,
+    weights: tuple[BayesianWeight, ...],
+    state: nnx.State,
+    *,
+    kl_scale: float = 1.0,
+) -> nnx.State:
+    """Guide side: draw the weights as sites ``"<prefix>/<name>"`` into ``state``.
+
+    Registers ``"<prefix>$mean"`` and ``"<prefix>$log_var"`` (``{name: array}``,
+    initialised from ``state``'s means and log-variances) and samples each weight
+    from ``N(mean, exp(log_var))`` (reparameterized; the sites scaled by
+    ``kl_scale``). Returns ``state`` with the drawn weights and the log-variances.
+    """
+    flat = list(nnx.to_flat_state(state))
+    where = {path: i for i, (path, _) in enumerate(flat)}
+    means = numpyro.param(
+        f"{prefix}$mean", {w.name: flat[where[w.mean_path]][1][...] for w in weights}
+    )
+    log_vars = numpyro.param(
+        f"{prefix}$log_var",
+        {w.name: flat[where[w.log_var_path]][1][...] for w in weights},
+    )
+    with handlers.scale(scale=kl_scale):
+        for w in weights:
+            mean, log_var = means[w.name], log_vars[w.name]
+            q = dist.Normal(mean, jnp.exp(0.5 * log_var)).to_event(len(w.shape))
+            value = numpyro.sample(f"{prefix}/{w.name}", q)
+            for path, v in ((w.mean_path, value), (w.log_var_path, log_var)):
+                i = where[path]
+                flat[i] = (path, flat[i][1].replace(v))
+    return nnx.from_flat_state(flat)
+
+
+def sample_bayesian_weight_prior(
+    prefix: str, weights: tuple[BayesianWeight, ...], *, kl_scale: float = 1.0
+) -> None:
+    """Model side: each weight site ``"<prefix>/<name>"`` from its module's prior."""
+    with handlers.scale(scale=kl_scale):
+        for w in weights:
+            prior = w.prior.expand(w.shape).to_event(len(w.shape))
+            numpyro.sample(f"{prefix}/{w.name}", prior)
 
 
 class BayesianAmortizedGuide(AmortizedGuide):
@@ -85,26 +156,14 @@ class BayesianAmortizedGuide(AmortizedGuide):
     ):
         super().__init__(model, posterior, **options)
         f = posterior._require()
-        net = nnx.merge(f.graphdef, f.params, f.rest)
-        modules = bayesian_modules(net)
-        if not modules:
+        weights = find_bayesian_weights(nnx.merge(f.graphdef, f.params, f.rest))
+        if not weights:
             raise ValueError(
                 "BayesianAmortizedGuide needs a posterior with Bayesian weights "
                 "(na.networks.bayesian(...)); use na.AmortizedGuide for this one."
             )
-        flat = dict(nnx.to_flat_state(f.params))
         self.kl_scale = float(kl_scale)
-        self.weights: tuple[_Weight, ...] = tuple(
-            _Weight(
-                format_path((*where, "net", *p)),
-                (*where, "net", *p),
-                (*where, "log_variances", i),
-                module.prior,
-                tuple(flat[(*where, "net", *p)][...].shape),
-            )
-            for where, module in modules
-            for i, p in enumerate(module.paths)
-        )
+        self.weights: tuple[BayesianWeight, ...] = weights
 
     def __repr__(self) -> str:
         base = super().__repr__()[len("AmortizedGuide") : -1]
@@ -144,21 +203,13 @@ class BayesianAmortizedGuide(AmortizedGuide):
 
     def network_params(self) -> nnx.State:
         """The weights of this call: the selected ones drawn from ``q(w)``."""
+        # $params' entries for the selected weights keep their initial values
+        # (unused, no gradient): the trained means and log-variances, which
+        # initialise "$mean" and "$log_var".
         state = super().network_params()
-        init_means, init_log_vars = self._initial()
-        means = numpyro.param(self.mean_name, init_means)
-        log_vars = numpyro.param(self.log_var_name, init_log_vars)
-        flat = list(nnx.to_flat_state(state))
-        where = {path: i for i, (path, _) in enumerate(flat)}
-        with handlers.scale(scale=self.kl_scale):
-            for w, site in zip(self.weights, self.weight_sites, strict=True):
-                mean, log_var = means[w.name], log_vars[w.name]
-                q = dist.Normal(mean, jnp.exp(0.5 * log_var)).to_event(len(w.shape))
-                value = numpyro.sample(site, q)
-                for path, v in ((w.mean_path, value), (w.log_var_path, log_var)):
-                    i = where[path]
-                    flat[i] = (path, flat[i][1].replace(v))
-        return nnx.from_flat_state(flat)
+        return sample_bayesian_weights(
+            self.prefix, self.weights, state, kl_scale=self.kl_scale
+        )
 
     def model_with_weight_prior(self, model: Callable | None = None) -> Callable:
         """The model with the prior sites of the guide's weights added.
@@ -173,10 +224,9 @@ class BayesianAmortizedGuide(AmortizedGuide):
         model = self.model if model is None else model
 
         def with_weight_prior(*args: Any, **kwargs: Any) -> Any:
-            with handlers.scale(scale=self.kl_scale):
-                for w, site in zip(self.weights, self.weight_sites, strict=True):
-                    prior = w.prior.expand(w.shape).to_event(len(w.shape))
-                    numpyro.sample(site, prior)
+            sample_bayesian_weight_prior(
+                self.prefix, self.weights, kl_scale=self.kl_scale
+            )
             return model(*args, **kwargs)
 
         return with_weight_prior

@@ -38,6 +38,7 @@ __all__ = [
     "require_bayesian",
     "sample_network",
     "sample_networks",
+    "spread_summary",
 ]
 
 
@@ -191,6 +192,13 @@ def epistemic_summary(
     axis = 1 + batch_ndim  # (K, *batch, S, *shape)
     means = {k: jnp.mean(v, axis=axis) for k, v in draws.items()}
     sds = {k: jnp.std(v, axis=axis) for k, v in draws.items()}
+    return spread_summary(means, sds)
+
+
+def spread_summary(
+    means: dict[str, jax.Array], sds: dict[str, jax.Array]
+) -> EpistemicSummary:
+    """An :class:`EpistemicSummary` from per-network means and sds, ``(K, ...)``."""
     mean_spread = {k: jnp.std(v, axis=0) for k, v in means.items()}
     sd_spread = {k: jnp.std(v, axis=0) for k, v in sds.items()}
     relative = {

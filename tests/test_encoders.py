@@ -335,17 +335,6 @@ def test_observed_site_not_passed_is_a_clear_error():
         handlers.seed(guide, 0)()
 
 
-def test_bayesian_encoder_is_a_clear_error():
-    def model(x):
-        with numpyro.plate("data", x.shape[0]):
-            z = numpyro.sample("z", dist.Normal(0.0, 1.0))
-            numpyro.sample("x", dist.Normal(z, 1.0), obs=x)
-
-    guide = enc.EncoderGuide(model, encoder=na.networks.bayesian(enc.NormalEncoder()))
-    with pytest.raises(NotImplementedError, match=r"'z' has Bayesian weights"):
-        handlers.seed(guide, 0)(jnp.zeros(5))
-
-
 def two_site_model(x):
     with numpyro.plate("data", x.shape[0]):
         u = numpyro.sample("u", dist.Normal(0.0, 1.0))

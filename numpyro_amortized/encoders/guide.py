@@ -17,6 +17,11 @@ replayed against the guide, scores the same datapoints with the same ``N / B``
 scale) and samples every local site from its encoder distribution. Under ``jit``
 the extra model run costs nothing beyond the observation it reads (the rest is
 dead code).
+
+Bayesian encoder weights (an encoder spec wrapped in ``na.networks.bayesian``)
+are latent sites ``"{prefix}/<path>"`` drawn once per call outside the data
+plate (:mod:`.bayesian`); the model then needs their prior sites,
+:meth:`EncoderGuide.model_with_weight_prior`.
 """
 
 from __future__ import annotations
@@ -35,7 +40,13 @@ from numpyro.distributions import biject_to
 from numpyro.distributions.transforms import IdentityTransform, IndependentTransform
 from numpyro.infer.autoguide import AutoGuide
 
-from ..networks.bayesian import is_bayesian
+from ..bayesian_guide import (
+    BayesianWeight,
+    find_bayesian_weights,
+    sample_bayesian_weight_prior,
+)
+from ..epistemic import EpistemicSummary
+from .bayesian import bayesian_encoder_module, encoder_epistemic
 from .families import default_encoder
 from .structure import (
     LocalSite,
@@ -50,8 +61,8 @@ __all__ = ["EncoderGuide", "EncoderNetwork"]
 class EncoderNetwork(nnx.Module):
     """One encoder module per local site: ``h -> {site: q(z_site | x)}``.
 
-    A plain nnx module (its weights can be made Bayesian with
-    ``numpyro.contrib.module.random_nnx_module``).
+    A plain nnx module; a site's module may hold Bayesian weights (an encoder
+    spec wrapped in ``na.networks.bayesian``), which the guide samples.
     """
 
     def __init__(self, modules: Mapping[str, nnx.Module]):
@@ -87,7 +98,10 @@ class EncoderGuide:
             for continuous sites, ``BernoulliEncoder`` / ``CategoricalEncoder`` for
             discrete ones. A module maps ``(B, input_dim)`` to a distribution with
             batch shape ``(B, ...)`` over the site's per-datapoint value (in the
-            unconstrained space for continuous sites).
+            unconstrained space for continuous sites). A spec wrapped in
+            ``na.networks.bayesian(spec, include=..., exclude=...)`` gives the
+            selected encoder weights a mean-field Gaussian posterior (train
+            against :meth:`model_with_weight_prior`).
         observed: the encoder's input sites; default: the observed sites in the
             data plate (``model.observed`` for an ``AmortizedModel``).
         plate: name of the data plate; default: found by tracing the model.
@@ -104,8 +118,13 @@ class EncoderGuide:
             ``AutoGuideList`` part); without it, global sites and no
             ``global_guide`` is an error (the ELBO would be wrong).
         prefix: name of the numpyro param holding the encoder's weights
-            (``"{prefix}$params"``).
+            (``"{prefix}$params"``; with Bayesian weights also ``"{prefix}$mean"``,
+            ``"{prefix}$log_var"`` and the sites ``"{prefix}/<path>"``).
         seed: seed of the encoder's weight initialization.
+        kl_scale: with a Bayesian encoder (``na.networks.bayesian(spec)``), the
+            scale of the weight sites on both sides, i.e. the weight of
+            ``KL(q(w) || p(w))`` in the ELBO (1: the full-data Bayesian ELBO).
+            Train against :meth:`model_with_weight_prior`.
 
     Examples:
         >>> import jax, jax.numpy as jnp, numpyro, optax
@@ -138,6 +157,7 @@ class EncoderGuide:
         external_globals: bool = False,
         prefix: str = "encoder",
         seed: int = 0,
+        kl_scale: float = 1.0,
     ):
         if isinstance(global_guide, AutoGuide):
             raise TypeError(
@@ -161,6 +181,8 @@ class EncoderGuide:
         self.structure: LocalStructure | None = None
         self.network: EncoderNetwork | None = None
         self.global_guide: Callable | None = None
+        self.kl_scale = float(kl_scale)
+        self.weights: tuple[BayesianWeight, ...] = ()
 
     # ---------------------------------------------------------------- setup
     def _trace_model(self, args: tuple, kwargs: dict) -> dict:
@@ -194,15 +216,6 @@ class EncoderGuide:
             if isinstance(choice, nnx.Module)
             else choice.build(input_dim, site, rngs=rngs)
         )
-        if is_bayesian(module):
-            # The guide registers the encoder through nnx_module, which would run
-            # the mean network and leave the log-variances without gradients.
-            raise NotImplementedError(
-                f"EncoderGuide: the encoder for local site {site.name!r} has Bayesian "
-                "weights (na.networks.bayesian), which encoder guides do not support "
-                "yet. Pass the plain encoder spec, or use na.bayesian_nnx_module in a "
-                "hand-written guide."
-            )
         return module
 
     def _setup(self, trace: dict) -> None:
@@ -230,6 +243,7 @@ class EncoderGuide:
                     for s in structure.local
                 }
             )
+            self.weights = find_bayesian_weights(self.network)
         if structure.global_sites and self.global_guide_factory is not None:
             hidden = [s.name for s in structure.local]
             blocked = handlers.block(handlers.seed(self.model, 0), hide=hidden)
@@ -245,16 +259,146 @@ class EncoderGuide:
             )
         return h if self.preprocess is None else self.preprocess(h)
 
+    def _encoder(self) -> nnx.Module:
+        """This call's encoder network (Bayesian weights drawn as sites)."""
+        if not self.weights:
+            return nnx_module(self.prefix, self.network)
+        return bayesian_encoder_module(
+            self.prefix, self.network, self.weights, kl_scale=self.kl_scale
+        )
+
+    # --------------------------------------------------------- Bayesian weights
+    @property
+    def weight_sites(self) -> tuple[str, ...]:
+        """Sample sites of the Bayesian encoder weights, ``"<prefix>/<path>"``
+        (empty for a point-estimate encoder or before the first call)."""
+        return tuple(f"{self.prefix}/{w.name}" for w in self.weights)
+
+    def model_with_weight_prior(self, model: Callable | None = None) -> Callable:
+        """The model with prior sites for the encoder's Bayesian weights.
+
+        Train a Bayesian encoder against this model: ``Trace_ELBO`` needs a prior
+        site for every weight site of the guide (without it the ELBO lacks
+        ``log p(w)`` and the weight variances grow without bound). The weights
+        are sampled outside every plate, so ``KL(q(w) || p(w))`` counts once per
+        step (times ``kl_scale``) while the data term is scaled by ``N / B``.
+
+        Args:
+            model: the model to wrap (default: the guide's model).
+
+        Returns:
+            A model that samples each weight site from its module's prior and then
+            runs ``model`` with the same arguments.
+
+        Example:
+            >>> spec = na.networks.bayesian(NormalEncoder())  # doctest: +SKIP
+            >>> guide = EncoderGuide(model, encoder=spec)  # doctest: +SKIP
+            >>> svi = SVI(guide.model_with_weight_prior(), guide, optax.adam(1e-3),
+            ...           TraceMeanField_ELBO())  # doctest: +SKIP
+        """
+        model = self.model if model is None else model
+
+        def with_weight_prior(*args: Any, **kwargs: Any) -> Any:
+            if self.structure is None:
+                self._setup(self._trace_model(args, kwargs))
+            if not self.weights:
+                raise ValueError(
+                    "EncoderGuide.model_with_weight_prior: the encoder has no "
+                    "Bayesian weights; wrap its spec in na.networks.bayesian(...) "
+                    "or train against the model itself."
+                )
+            sample_bayesian_weight_prior(
+                self.prefix, self.weights, kl_scale=self.kl_scale
+            )
+            return model(*args, **kwargs)
+
+        return with_weight_prior
+
+    def epistemic(
+        self,
+        rng_key: jax.Array,
+        params: dict,
+        *args: Any,
+        num_networks: int = 20,
+        **kwargs: Any,
+    ) -> EpistemicSummary:
+        """How much the encoding of the same data varies across weight draws.
+
+        Encodes the data under ``num_networks`` encoders drawn from ``q(w)``.
+
+        Args:
+            rng_key: key of the weight draws.
+            params: trained params (``svi_result.params``).
+            *args: model arguments (with the data; use the full plate).
+            num_networks: number of weight draws ``K``.
+            **kwargs: model keyword arguments.
+
+        Returns:
+            An :class:`~numpyro_amortized.EpistemicSummary` by local site:
+            ``means``/``sds`` are the mean and sd of each draw's encoder
+            distribution (in the site's unconstrained space; loc and scale for a
+            ``NormalEncoder``), ``(K, B, ...)``, and the spreads across draws.
+
+        Example:
+            >>> s = guide.epistemic(key, params, x, num_networks=20)  # doctest: +SKIP
+            >>> s.mean_spread["z"].shape  # (B, k)  # doctest: +SKIP
+        """
+        if self.structure is None:
+            with handlers.block(), handlers.seed(rng_seed=0):
+                self._setup(self._trace_model(args, kwargs))
+        if not self.weights:
+            raise ValueError(
+                "EncoderGuide.epistemic needs Bayesian encoder weights; wrap the "
+                "encoder spec in na.networks.bayesian(...)."
+            )
+        return encoder_epistemic(
+            lambda key: self._encode(params, args, kwargs, rng_key=key),
+            rng_key,
+            num_networks=num_networks,
+        )
+
+    def _encode(
+        self, params: dict, args: tuple, kwargs: dict, *, rng_key: jax.Array | None
+    ) -> dict[str, dist.Distribution]:
+        """Encoder distributions (unconstrained) for the data in the model args:
+        the mean network (``rng_key=None``) or one weight draw."""
+        with handlers.block(), handlers.seed(rng_seed=0):
+            trace = self._trace_model(args, kwargs)
+            if self.structure is None:
+                self._setup(trace)
+            data = dict(params)
+            if self.weights and rng_key is None:
+                # the mean network: every weight site at its mean
+                means = params.get(f"{self.prefix}$mean")
+                if means is None:
+                    flat = dict(nnx.to_flat_state(nnx.state(self.network, nnx.Param)))
+                    means = {w.name: flat[w.mean_path][...] for w in self.weights}
+                data.update(
+                    {f"{self.prefix}/{w.name}": means[w.name] for w in self.weights}
+                )
+            with handlers.substitute(data=data):
+                features = self._features(trace)
+                if rng_key is None:
+                    return self._encoder()(features)
+                with handlers.seed(rng_seed=rng_key):
+                    return self._encoder()(features)
+
     # ----------------------------------------------------------------- call
     def __call__(self, *args: Any, **kwargs: Any) -> dict[str, jax.Array]:
-        """Samples the global sites (AutoGuide part) and every local site."""
+        """Samples the global sites (AutoGuide part), the Bayesian encoder weights
+        (if any) and every local site; returns ``{site: value}`` of all of them."""
         trace = self._trace_model(args, kwargs)
         if self.structure is None:
             self._setup(trace)
         values: dict[str, jax.Array] = {}
         if self.global_guide is not None:
             values.update(self.global_guide(*args, **kwargs))
-        qs = nnx_module(self.prefix, self.network)(self._features(trace))
+        with handlers.trace() as weight_trace:
+            network = self._encoder()
+        values.update(
+            {n: m["value"] for n, m in weight_trace.items() if m["type"] == "sample"}
+        )
+        qs = network(self._features(trace))
         structure = self.structure
         plate_msg = trace[structure.plate]
         size, subsample_size = plate_msg["args"]
@@ -295,14 +439,11 @@ class EncoderGuide:
         Returns:
             ``{site: distribution}`` with batch shape ``(B, ...)`` on the site's
             support (for a subsampled plate: a random subsample of ``B`` rows, so
-            call with the full data plate to encode every datapoint).
+            call with the full data plate to encode every datapoint). A Bayesian
+            encoder is evaluated at the means of its weights (the mean network;
+            see :meth:`epistemic` for weight draws).
         """
-        with handlers.block(), handlers.seed(rng_seed=0):
-            trace = self._trace_model(args, kwargs)
-            if self.structure is None:
-                self._setup(trace)
-            with handlers.substitute(data=params):
-                qs = nnx_module(self.prefix, self.network)(self._features(trace))
+        qs = self._encode(params, args, kwargs, rng_key=None)
         return {s.name: _on_support(qs[s.name], s) for s in self.structure.local}
 
     def sample_posterior(
