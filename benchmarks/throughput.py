@@ -9,7 +9,11 @@ Task: Gaussian means (D=4, 50 observations); DeepSet summary + neural spline flo
 * sbi 0.27 and BayesFlow 2.0.12 (JAX backend): the scripts in
   ``benchmarks/peers/``, each run with its own venv (see ``benchmarks/peers/README.md``
   for how to create them; missing venvs are skipped);
-* posterior draws/s for 1,000 datasets x 1,000 draws.
+* the same two network sizes as each peer (``SIZED_LIKE``): our flow and
+  summary widened until the parameter count is within ~10% of the peer's, so the
+  ratio is also reported at similar network sizes;
+* posterior draws/s for 1,000 datasets x 1,000 draws, next to the generic
+  inverse and the conditioner MLPs alone (see ``sampling``).
 
 Reported as ratios, since the machine is shared and noisy.
 
@@ -28,11 +32,14 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 import numpyro_amortized as na
+from numpyro_amortized import networks as nets
 from numpyro_amortized.models import gaussian_means
+from numpyro_amortized.networks.base import FlowModule
 
 RESULTS = Path(__file__).parent / "results"
 PEERS = Path(__file__).parent / "peers"
@@ -46,9 +53,25 @@ def count_params(posterior: na.AmortizedPosterior) -> int:
     return int(sum(np.size(v) for v in jax.tree.leaves(posterior._fitted.params)))
 
 
-def ours(num_epochs: int, batch_size: int) -> dict:
+# Our flow and summary sized like each peer's network (parameter counts within
+# about 10%; printed with each row), for the "similar network sizes" comparison.
+SIZED_LIKE = {
+    "sbi": dict(
+        inference_net=nets.NeuralSplineFlow(hidden=(128, 128), num_bins=10),
+        summary_net=nets.DeepSet(summary_dim=16),
+    ),
+    "bayesflow": dict(
+        inference_net=nets.NeuralSplineFlow(
+            num_layers=6, hidden=(192, 192), num_bins=10
+        ),
+        summary_net=nets.DeepSet(summary_dim=16, hidden=(128, 128)),
+    ),
+}
+
+
+def ours(num_epochs: int, batch_size: int, sized_like: str | None = None) -> dict:
     sims = gaussian_means.simulate(jax.random.key(0), 10_000, progress=False)
-    post = na.AmortizedPosterior(gaussian_means)
+    post = na.AmortizedPosterior(gaussian_means, **SIZED_LIKE.get(sized_like, {}))
     hist = post.fit(
         jax.random.key(1),
         simulations=sims,
@@ -60,6 +83,15 @@ def ours(num_epochs: int, batch_size: int) -> dict:
     steps_per_epoch = hist.num_steps // hist.num_epochs
     epoch_s = np.diff(hist.wall_time)
     offline = steps_per_epoch / float(np.median(epoch_s))
+    row = {
+        "peer": "numpyro_amortized" + (f" ({sized_like}-sized)" if sized_like else ""),
+        "steps_per_s": offline,
+        "compile_and_first_epoch_s": float(hist.wall_time[0]),
+        "batch_size": batch_size,
+        "num_params_network": count_params(post),
+    }
+    if sized_like:
+        return row
 
     online_post = na.AmortizedPosterior(gaussian_means)
     steps = 500
@@ -70,25 +102,57 @@ def ours(num_epochs: int, batch_size: int) -> dict:
         batch_size=batch_size,
         progress=False,
     )
-    online = steps / float(np.median(np.diff(h2.wall_time)))
+    row["online_steps_per_s"] = steps / float(np.median(np.diff(h2.wall_time)))
+    row.update(sampling(post))
+    return row
 
+
+def _timed(fn, *args, repeats: int = 5) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def sampling(post: na.AmortizedPosterior) -> dict:
+    """Draws/s for 1,000 datasets x 1,000 draws, and where the time goes.
+
+    ``post.sample`` (the library path) next to, in the same run: the generic
+    inverse (``FlowModule.sample``, bins on the last axis) and the conditioner
+    MLPs alone (the flow's matrix products, without splines): the MLP time is a
+    floor for any implementation of this network.
+    """
     x = gaussian_means.simulate(jax.random.key(3), 1_000, progress=False)["x"]
     key = jax.random.key(4)
-    jax.block_until_ready(post.sample(key, {"x": x}, 1_000))
-    times = []
-    for i in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(post.sample(jax.random.fold_in(key, i), {"x": x}, 1_000))
-        times.append(time.perf_counter() - t0)
-    draws_per_s = 1e6 / float(np.median(times))
+    library = _timed(lambda: post.sample(key, {"x": x}, 1_000))
+    f = post._fitted
+    net = nnx.merge(f.graphdef, f.params, f.rest)
+    flow = net.flow
+    ctx = jax.jit(lambda v: net.context(f.x_std(v), None))(x)
+
+    def per_dataset(fn):
+        return jax.jit(lambda k, c: jax.vmap(fn)(jax.random.split(k, c.shape[0]), c))
+
+    generic = per_dataset(lambda k, c: FlowModule.sample(flow, k, c, 1_000))
+
+    def mlps(k, c):
+        z = flow._base_sample(k, c, 1_000)
+        total = 0.0
+        for layer in flow.couplings:
+            h = jnp.concatenate(
+                [z[:, list(layer.conditioning)], jnp.broadcast_to(c, (1_000, c.size))],
+                axis=-1,
+            )
+            total = total + jnp.sum(layer.conditioner(h))
+        return total
+
     return {
-        "peer": "numpyro_amortized",
-        "steps_per_s": offline,
-        "online_steps_per_s": online,
-        "compile_and_first_epoch_s": float(hist.wall_time[0]),
-        "batch_size": batch_size,
-        "num_params_network": count_params(post),
-        "draws_per_s_1000x1000": draws_per_s,
+        "draws_per_s_1000x1000": 1e6 / library,
+        "draws_per_s_generic_inverse": 1e6 / _timed(generic, key, ctx),
+        "draws_per_s_mlps_only": 1e6 / _timed(per_dataset(mlps), key, ctx),
     }
 
 
@@ -115,8 +179,12 @@ def main() -> None:
     parser.add_argument("--peer-threads", type=int, default=1)
     ns = parser.parse_args()
     bs = str(ns.batch_size)
-    rows = [ours(3 if ns.quick else 6, ns.batch_size)]
+    epochs = 3 if ns.quick else 6
+    rows = [ours(epochs, ns.batch_size)]
     print(json.dumps(rows[-1]), flush=True)
+    sized = [ours(epochs, ns.batch_size, sized_like=p) for p in SIZED_LIKE]
+    for r in sized:
+        print(json.dumps(r), flush=True)
     threads = str(ns.peer_threads)
     sbi = peer(
         SBI_PY,
@@ -149,18 +217,29 @@ def main() -> None:
             rows.append(r)
             print(json.dumps(r), flush=True)
     me = rows[0]
-    print(f"\n{'library':20s} {'steps/s':>9s} {'params':>9s} {'ours / theirs':>14s}")
-    for r in rows:
+    matched = {r["peer"].split("(")[1].split("-")[0]: r for r in sized}
+    print(
+        f"\n{'library':34s} {'steps/s':>9s} {'params':>9s} {'ours / theirs':>14s} "
+        f"{'same size':>10s}"
+    )
+    for r in [*rows, *sized]:
         ratio = me["steps_per_s"] / r["steps_per_s"]
         params = r.get("num_params_network", 0)
-        print(f"{r['peer']:20s} {r['steps_per_s']:9.1f} {params:9,d} {ratio:13.1f}x")
+        same = matched.get(r["peer"])
+        same_ratio = f"{same['steps_per_s'] / r['steps_per_s']:9.1f}x" if same else ""
+        print(
+            f"{r['peer']:34s} {r['steps_per_s']:9.1f} {params:9,d} "
+            f"{ratio:13.1f}x {same_ratio:>10s}"
+        )
     print(
         f"numpyro_amortized online (simulating in the step): "
         f"{me['online_steps_per_s']:.1f} steps/s"
     )
     print(
         f"posterior draws/s, 1,000 datasets x 1,000 draws: "
-        f"{me['draws_per_s_1000x1000']:,.0f}"
+        f"{me['draws_per_s_1000x1000']:,.0f} (generic inverse: "
+        f"{me['draws_per_s_generic_inverse']:,.0f}; the conditioner MLPs alone: "
+        f"{me['draws_per_s_mlps_only']:,.0f})"
     )
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"throughput_{jax.default_backend()}.json"
@@ -177,8 +256,14 @@ def main() -> None:
                 "load_average": os.getloadavg(),
                 "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "rows": rows,
+                "sized_like_peers": sized,
                 "ratios": {
                     r["peer"]: me["steps_per_s"] / r["steps_per_s"] for r in rows[1:]
+                },
+                "ratios_same_size": {
+                    r["peer"]: matched[r["peer"]]["steps_per_s"] / r["steps_per_s"]
+                    for r in rows[1:]
+                    if r["peer"] in matched
                 },
             },
             indent=2,

@@ -138,7 +138,7 @@ class BayesianAmortizedGuide(AmortizedGuide):
         **options: ``data``, ``nuisance_guide``, ``prefix`` (see
             ``AmortizedGuide``).
 
-    Example:
+    Examples:
         >>> guide = posterior.as_guide()  # a BayesianAmortizedGuide  # doctest: +SKIP
         >>> svi = SVI(guide.model_with_weight_prior(), guide, optax.adam(1e-4),
         ...           Trace_ELBO())  # doctest: +SKIP

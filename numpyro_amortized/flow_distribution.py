@@ -57,7 +57,7 @@ class FlowDistribution(dist.Distribution):
         shift: ``(D,)`` shift ``m`` of the standardization.
         scale: ``(D,)`` scale ``s`` of the standardization.
 
-    Example:
+    Examples:
         >>> import jax, jax.numpy as jnp
         >>> from flax import nnx
         >>> from numpyro_amortized import networks as nets

@@ -74,7 +74,7 @@ class AmortizedGuide:
             site ``"_<prefix>_latent"``; use distinct prefixes for several
             amortized guides in one ``AutoGuideList``.
 
-    Example:
+    Examples:
         With a trained ``posterior`` of ``model`` and a dataset ``x_obs``:
 
         >>> import jax, optax

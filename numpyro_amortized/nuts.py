@@ -226,7 +226,7 @@ def run_nuts(
             discrete latent site with infinite support.
         ImportError: discrete latent sites to enumerate but no ``funsor``.
 
-    Example:
+    Examples:
         >>> import jax
         >>> from numpyro_amortized.models import gaussian_means
         >>> x = gaussian_means.simulate(jax.random.key(0), 3)["x"]   # 3 datasets

@@ -425,7 +425,7 @@ class AmortizedPosterior:
             patience: early-stopping patience in epochs (None: run all steps).
             progress: show a progress bar.
 
-        Example:
+        Examples:
             >>> posterior.fit(key, num_simulations=1_000)  # doctest: +SKIP
             >>> history = posterior.fit_elbo(key, num_steps=2_000)  # doctest: +SKIP
         """
@@ -456,7 +456,7 @@ class AmortizedPosterior:
         whose weights are latent sites: use it with
         ``guide.model_with_weight_prior()``.
 
-        Example:
+        Examples:
             >>> guide = posterior.as_guide()  # doctest: +SKIP
             >>> svi = SVI(model, guide, adam(1e-4), Trace_ELBO())  # doctest: +SKIP
         """

@@ -290,7 +290,7 @@ class EncoderGuide:
             A model that samples each weight site from its module's prior and then
             runs ``model`` with the same arguments.
 
-        Example:
+        Examples:
             >>> spec = na.networks.bayesian(NormalEncoder())  # doctest: +SKIP
             >>> guide = EncoderGuide(model, encoder=spec)  # doctest: +SKIP
             >>> svi = SVI(guide.model_with_weight_prior(), guide, optax.adam(1e-3),
@@ -339,7 +339,7 @@ class EncoderGuide:
             distribution (in the site's unconstrained space; loc and scale for a
             ``NormalEncoder``), ``(K, B, ...)``, and the spreads across draws.
 
-        Example:
+        Examples:
             >>> s = guide.epistemic(key, params, x, num_networks=20)  # doctest: +SKIP
             >>> s.mean_spread["z"].shape  # (B, k)  # doctest: +SKIP
         """

@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from .base import FlowModule, broadcast_context
+from .coupling_sample import can_sample_fast, sample_columns
 from .mlp import DenseNetwork
 from .registry import SpecMixin, register_spec
 
@@ -101,6 +102,11 @@ class AffineTransform:
         if inverse:
             return (x - t) * jnp.exp(-s), -s
         return x * jnp.exp(s) + t, s
+
+    def inverse_columns(self, y: jax.Array, params: jax.Array) -> jax.Array:
+        """Inverse map only, ``params`` ``(2, ...)`` on axis 0 (fast sampling)."""
+        s = self.clamp * jnp.tanh(params[0] / self.clamp)
+        return (y - params[1]) * jnp.exp(-s)
 
 
 class ActNorm(nnx.Module):
@@ -244,6 +250,20 @@ class CouplingFlowModule(FlowModule):
                 z, ld = self.actnorms[i](z, inverse=True)
                 total = total + ld
         return z, total
+
+    def sample(
+        self, rng_key: jax.Array, context: jax.Array | None = None, num_samples: int = 1
+    ) -> jax.Array:
+        """Draws ``(num_samples, *context.shape[:-1], num_params)`` samples.
+
+        Uses the column layout of :mod:`.coupling_sample` (same draws, faster,
+        no log-determinant) when every layer supports it.
+        """
+        if can_sample_fast(self):
+            # Same errors as the generic path for a context of the wrong width.
+            broadcast_context(jnp.zeros((self.num_params,)), context, self.context_dim)
+            return sample_columns(self, rng_key, context, num_samples)
+        return super().sample(rng_key, context, num_samples)
 
 
 @register_spec
