@@ -45,21 +45,35 @@ def throughput_table() -> str:
     """Training steps/s at batch 128 on the quickstart task, side by side."""
     data = json.loads((RESULTS / "throughput_cpu.json").read_text())
     ours = next(r for r in data["rows"] if r["peer"] == "numpyro_amortized")
+    sized = {
+        r["peer"].split("(")[1].split("-")[0]: r
+        for r in data.get("sized_like_peers", [])
+    }
     lines = [
-        "| library | steps/s | network parameters | ours ÷ theirs |",
-        "|---|---|---|---|",
+        "| library | steps/s | network parameters | ours (default) ÷ theirs "
+        "| ours (same size) ÷ theirs |",
+        "|---|---|---|---|---|",
     ]
-    for row in data["rows"]:
+    for row in [*data["rows"], *sized.values()]:
         ratio = ours["steps_per_s"] / row["steps_per_s"]
         name = row["peer"] + (f" {row['version']}" if "version" in row else "")
+        same = sized.get(row["peer"])
+        same_ratio = f"{same['steps_per_s'] / row['steps_per_s']:.1f}×" if same else ""
         lines.append(
             f"| {name} | {row['steps_per_s']:.1f} | {row['num_params_network']:,} | "
-            f"{ratio:.1f}× |"
+            f"{ratio:.1f}× | {same_ratio} |"
         )
     lines.append(
         f"\nPosterior draws/s (1,000 datasets × 1,000 draws): "
-        f"{ours['draws_per_s_1000x1000']:,.0f}."
+        f"{ours['draws_per_s_1000x1000']:,.0f}"
     )
+    if "draws_per_s_mlps_only" in ours:
+        lines[-1] += (
+            f" (generic inverse in the same run: "
+            f"{ours['draws_per_s_generic_inverse']:,.0f}; the flow's conditioner "
+            f"MLPs alone: {ours['draws_per_s_mlps_only']:,.0f})"
+        )
+    lines[-1] += "."
     return "\n".join(lines)
 
 
