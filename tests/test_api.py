@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import numpyro_amortized as na
 
 
@@ -56,6 +58,7 @@ def test_import_has_no_side_effects():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.slow  # ~50 s; CI runs the demo itself (README's first command)
 def test_demo_trains_and_writes_plots(tmp_path, capsys):
     from numpyro_amortized import demo
 
