@@ -3,10 +3,12 @@
 Protocol (sbibm 1.1.0 / Lueckmann et al., 2021): for each task and simulation
 budget, train ONE amortized posterior with the library defaults
 (``na.AmortizedPosterior(model).fit(key, num_simulations=N)``: neural spline flow,
-Adam 1e-3 with cosine decay, batch 128, 10% validation, early stopping with
-patience 10, at most 200 epochs), then draw 10,000 samples for each of the
-observations 1..10 in one batched call and compute the classifier two-sample
-test (C2ST) accuracy against the 10,000 reference posterior samples:
+Adam 1e-3 with cosine decay, batch 128 (16 at 10^3 simulations: the default batch is
+the training rows // 50 in multiples of 16 within [16, 128]), 10% validation, early
+stopping with patience 20, at most 200 epochs, EMA of the weights), then draw
+10,000 samples for each of the observations 1..10 in one batched call and compute
+the classifier two-sample test (C2ST) accuracy against the 10,000 reference
+posterior samples:
 
 * both sets z-scored with the mean and standard deviation (ddof=1) of the
   *reference* samples;

@@ -26,6 +26,7 @@ from numpyro_amortized.simulate import make_batch_simulator
 from numpyro_amortized.train import (
     TrainState,
     averaged_params,
+    default_batch_size,
     default_optimizer,
     make_epoch,
     make_evaluate,
@@ -76,7 +77,7 @@ def fit_offline(
     simulations: dict[str, np.ndarray] | None,
     sample_kwargs: Callable[[jax.Array], dict] | None,
     num_rounds: int,
-    batch_size: int,
+    batch_size: int | None,
     max_epochs: int,
     learning_rate: float,
     validation_fraction: float,
@@ -178,7 +179,7 @@ def train_round(
     history: History,
     start: float,
     *,
-    batch_size: int,
+    batch_size: int | None,
     max_epochs: int,
     learning_rate: float,
     validation_fraction: float,
@@ -190,6 +191,9 @@ def train_round(
     f = post._require()
     n = arrays[0].shape[0]
     num_val = int(round(n * validation_fraction)) if validation_fraction else 0
+    if batch_size is None:
+        num_devices = 1 if parallel is None else parallel.num_devices
+        batch_size = default_batch_size(n - num_val, num_devices)
     if n - num_val < batch_size:
         batch_size = max(1, n - num_val)
     perm = np.asarray(jax.random.permutation(jax.random.fold_in(rng_key, 1), n))

@@ -239,7 +239,7 @@ class AmortizedPosterior:
         simulations: dict[str, np.ndarray] | None = None,
         sample_kwargs: Callable[[jax.Array], dict] | None = None,
         num_rounds: int = 1,
-        batch_size: int = 128,
+        batch_size: int | None = None,
         max_epochs: int = 200,
         learning_rate: float = 1e-3,
         validation_fraction: float = 0.1,
@@ -259,7 +259,9 @@ class AmortizedPosterior:
         ``model.simulate`` output or :func:`~numpyro_amortized.load_simulations`).
 
         Defaults: Adam with cosine decay over ``max_epochs`` and gradient clipping
-        at norm 1; ``validation_fraction`` of the bank held out; early stopping
+        at norm 1; batches of 128, smaller on banks under ~7,000 simulations so
+        that an epoch has about 50 steps; ``validation_fraction`` of the bank held
+        out; early stopping
         after ``patience`` epochs without a better validation loss, restoring the
         best weights. One epoch is one jitted ``lax.scan``. Calling ``fit`` again
         continues training (standardization is kept from the first call).
@@ -276,7 +278,9 @@ class AmortizedPosterior:
             sample_kwargs: per-batch model arguments for simulation (e.g. a random
                 ``n_obs``); datasets are then padded and masked.
             num_rounds: rounds of simulate-then-train.
-            batch_size: examples per optimizer step.
+            batch_size: examples per optimizer step (default: the number of
+                training rows // 50, rounded down to a multiple of 16, within
+                ``[16, 128]``; see ``numpyro_amortized.train.default_batch_size``).
             max_epochs: upper bound on epochs per round.
             learning_rate: peak learning rate.
             validation_fraction: share of the bank held out (0 disables early
@@ -294,8 +298,8 @@ class AmortizedPosterior:
                 weights of an uninterrupted run.
             devices: devices for data-parallel training (default: all of
                 ``jax.devices()``; with more than one, each batch is split over
-                them, see :mod:`numpyro_amortized.sharding`); ``batch_size`` must
-                be a multiple of their number.
+                them, see :mod:`numpyro_amortized.sharding`); a given ``batch_size``
+                must be a multiple of their number.
             chunk_size: rows per streamed chunk when ``simulations`` is a
                 ``DiskBank`` (default: about 64 MB of rows).
 

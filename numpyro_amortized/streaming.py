@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from numpyro_amortized.history import History
 from numpyro_amortized.train import (
     TrainState,
+    default_batch_size,
     default_optimizer,
     make_epoch,
     make_evaluate,
@@ -111,7 +112,7 @@ def fit_streaming(
     bank: DiskBank,
     *,
     chunk_size: int | None,
-    batch_size: int,
+    batch_size: int | None,
     max_epochs: int,
     learning_rate: float,
     validation_fraction: float,
@@ -133,6 +134,9 @@ def fit_streaming(
     if validation_fraction:
         num_val = min(int(round(n * validation_fraction)), MAX_VALIDATION)
     num_train = n - num_val
+    if batch_size is None:
+        num_devices = 1 if parallel is None else parallel.num_devices
+        batch_size = default_batch_size(num_train, num_devices)
     if num_train < batch_size:
         raise ValueError(
             f"The bank {bank} leaves {num_train} training rows, fewer than "

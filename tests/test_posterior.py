@@ -128,7 +128,8 @@ def test_one_compilation_for_all_epochs():
         jax.random.key(1), simulations=sims, max_epochs=4, patience=100, progress=False
     )
     assert hist.num_epochs == 4 and len(hist.val_loss) == 4
-    assert hist.num_simulations == 1_000 and hist.num_steps == 4 * (900 // 128)
+    # default batch: 900 training rows -> 16, so 56 steps per epoch
+    assert hist.num_simulations == 1_000 and hist.num_steps == 4 * (900 // 16)
     epoch_fn, evaluate = post._train_fns
     assert epoch_fn._cache_size() == 1 and evaluate._cache_size() == 1
     assert hist.train_loss[-1] < hist.train_loss[0]

@@ -1,4 +1,5 @@
-"""The pure training pieces: parameter averaging (EMA) and the default optimizer."""
+"""The pure training pieces: parameter averaging (EMA), the default optimizer and
+the default batch size."""
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ from numpyro_amortized.train import (
     AveragedState,
     TrainState,
     averaged_params,
+    default_batch_size,
     default_optimizer,
     make_train_step,
     with_param_averaging,
@@ -63,3 +65,21 @@ def test_averaged_params_picks_the_average_only_when_tracked():
             avg = averaged_params(state)["w"]
             assert not np.allclose(avg, state.params["w"])
             np.testing.assert_array_equal(avg, state.opt_state.average["w"])
+
+
+def test_default_batch_size_gives_about_50_steps_between_16_and_128():
+    # num_train // 50, rounded down to a multiple of 16, inside [16, 128]
+    assert default_batch_size(900) == 16  # sbibm 10^3 with 10% validation
+    assert default_batch_size(1_600) == 32 and default_batch_size(1_599) == 16
+    assert default_batch_size(5_000) == 96
+    assert default_batch_size(6_399) == 112 and default_batch_size(6_400) == 128
+    assert default_batch_size(9_000) == 128 and default_batch_size(10**7) == 128
+    assert default_batch_size(100) == 16
+    # the same batch on 1, 2, 4, 8 or 16 devices ...
+    for n in (900, 5_000, 9_000):
+        assert {default_batch_size(n, d) for d in (1, 2, 4, 8, 16)} == {
+            default_batch_size(n)
+        }
+    # ... otherwise whole shards per device, at least one example per device
+    assert default_batch_size(9_000, num_devices=3) == 126
+    assert default_batch_size(900, num_devices=32) == 32
