@@ -35,34 +35,11 @@ from numpyro.infer import (
     TraceMeanField_ELBO,
 )
 from numpyro.infer.autoguide import AutoGuideList, AutoNormal
+from ppca_model import B_OFFSET, S_DIAG, SIGMA, D, K, W, posterior_mean, ppca, ppca_data
 
 import numpyro_amortized as na
 from numpyro_amortized import encoders as enc
 from numpyro_amortized.networks import CouplingFlow, spec_from_config
-
-D, K, SIGMA = 4, 2, 0.5
-_Q = np.linalg.qr(np.random.default_rng(0).normal(size=(D, K)))[0]
-W = jnp.asarray(_Q * np.array([2.0, 1.0]), jnp.float32)  # W^T W = diag(4, 1)
-B_OFFSET = jnp.array([0.5, -1.0, 0.0, 1.0])
-S_DIAG = 1.0 / (1.0 + jnp.diag(W.T @ W) / SIGMA**2)  # posterior variances
-
-
-def ppca(x, batch_size=None):
-    with numpyro.plate("data", x.shape[0], subsample_size=batch_size) as idx:
-        z = numpyro.sample("z", dist.Normal(0.0, 1.0).expand([K]).to_event(1))
-        numpyro.sample(
-            "x", dist.Normal(z @ W.T + B_OFFSET, SIGMA).to_event(1), obs=x[idx]
-        )
-
-
-def ppca_data(rng_key, n):
-    kz, kx = jax.random.split(rng_key)
-    z = jax.random.normal(kz, (n, K))
-    return z @ W.T + B_OFFSET + SIGMA * jax.random.normal(kx, (n, D))
-
-
-def posterior_mean(x):
-    return S_DIAG * ((x - B_OFFSET) @ W) / SIGMA**2
 
 
 def exact_neg_elbo(x, loc, scale):
