@@ -67,6 +67,12 @@ def _knots(raw: jax.Array, minimum: float, bound: float) -> tuple[jax.Array, jax
     return knots, knots[..., 1:] - knots[..., :-1]
 
 
+def _interior_derivatives(raw: jax.Array, minimum: float) -> jax.Array:
+    """Knot derivatives from raw values; raw 0 gives slope 1 (the identity)."""
+    shift = float(np.log(np.expm1(1.0 - minimum)))
+    return minimum + jax.nn.softplus(raw + shift)
+
+
 def rational_quadratic_spline(
     x: jax.Array,
     params: jax.Array,
@@ -97,8 +103,7 @@ def rational_quadratic_spline(
     raw_d = params[..., 2 * num_bins :]
     xs, widths = _knots(raw_w, min_bin_width, bound)
     ys, heights = _knots(raw_h, min_bin_height, bound)
-    shift = float(np.log(np.expm1(1.0 - min_derivative)))
-    inner_d = min_derivative + jax.nn.softplus(raw_d + shift)
+    inner_d = _interior_derivatives(raw_d, min_derivative)
     ones = jnp.ones_like(inner_d[..., :1])
     derivs = jnp.concatenate([ones, inner_d, ones], axis=-1)
 
@@ -194,16 +199,9 @@ def rational_quadratic_inverse_columns(
     k = (params.shape[0] + 1) // 3
     xs = _unrolled_knots([params[i] for i in range(k)], min_bin_width, bound)
     ys = _unrolled_knots([params[k + i] for i in range(k)], min_bin_height, bound)
-    shift = float(np.log(np.expm1(1.0 - min_derivative)))
     one = jnp.ones_like(xs[0])
-    ds = [
-        one,
-        *(
-            min_derivative + jax.nn.softplus(params[2 * k + i] + shift)
-            for i in range(k - 1)
-        ),
-        one,
-    ]
+    inner = _interior_derivatives(params[2 * k :], min_derivative)
+    ds = [one, *(inner[i] for i in range(k - 1)), one]
     yc = jnp.clip(y, -bound, bound)
     x_k, x_k1, y_k, y_k1, d_k, d_k1 = xs[0], xs[1], ys[0], ys[1], ds[0], ds[1]
     for i in range(1, k):  # select bin i where y >= its left knot
