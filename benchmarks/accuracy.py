@@ -309,6 +309,13 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
     parser.add_argument("--budgets", nargs="+", type=int, default=None)
     parser.add_argument("--num-observations", type=int, default=None)
+    parser.add_argument(
+        "--observations",
+        nargs="+",
+        type=int,
+        default=None,
+        help="explicit observation numbers (1-10); overrides --num-observations",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
@@ -322,7 +329,9 @@ def main() -> None:
 
     budgets = args.budgets or (QUICK_BUDGETS if args.quick else BUDGETS)
     num_obs = args.num_observations or (3 if args.quick else 10)
-    observations = list(range(1, num_obs + 1))
+    observations = args.observations or list(range(1, num_obs + 1))
+    if not all(1 <= k <= 10 for k in observations):
+        parser.error(f"--observations must lie in 1..10, got {observations}")
     name = "accuracy_cpu_quick.json" if args.quick else "accuracy_cpu.json"
     out = args.out or RESULTS / name
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -367,7 +376,14 @@ def main() -> None:
     for task in args.tasks:
         for budget in budgets:
             report["results"].append(
-                run_one(task, budget, observations, args.seed, args.save_draws)
+                run_one(
+                    task,
+                    budget,
+                    observations,
+                    args.seed,
+                    args.save_draws,
+                    n_jobs=args.jobs,
+                )
             )
             save()
     report["total_wall_s"] = time.perf_counter() - total
