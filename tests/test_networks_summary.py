@@ -126,6 +126,73 @@ def test_deep_set_sees_the_number_of_observations():
     np.testing.assert_allclose(no_count(doubled), no_count(x), atol=1e-5)
 
 
+def _deep_set_reference(net, x, mask):
+    """DeepSet as its definition reads: phi on every observation, then the mean."""
+    from numpyro_amortized.networks.summary import masked_mean
+
+    x = jnp.where(mask[..., None], x, 0.0)
+    pooled = masked_mean(net.phi(x), mask)
+    count = jnp.log1p(jnp.sum(mask, axis=-1).astype(x.dtype))[..., None]
+    return net.rho(jnp.concatenate([pooled, count], axis=-1))
+
+
+def test_deep_set_mean_pooling_applies_last_phi_layer_after_the_mean():
+    """Mean pooling moves phi's affine last layer after the mean: same values and
+    gradients as embedding every observation, also with a fully masked set."""
+    net = TINY["DeepSet"].build(OBS_DIM, rngs=nnx.Rngs(3))
+    # A non-zero output bias, so the 'present' factor of the bias is exercised.
+    net.phi.output_layer.bias[...] = jnp.linspace(-1.0, 1.0, 16)
+    x = observations((4, 12, OBS_DIM), seed=5)
+    mask = jnp.asarray(np.random.default_rng(1).random((4, 12)) < 0.6)
+    mask = mask.at[1].set(False).at[2].set(True)
+    graphdef, state = nnx.split(net)
+
+    def loss(state, impl):
+        module = nnx.merge(graphdef, state)
+        if impl == "fast":
+            out = module(x, mask)
+        else:
+            out = _deep_set_reference(module, x, mask)
+        return jnp.sum(jnp.sin(out)), out
+
+    (_, fast), g_fast = jax.value_and_grad(loss, has_aux=True)(state, "fast")
+    (_, ref), g_ref = jax.value_and_grad(loss, has_aux=True)(state, "ref")
+    np.testing.assert_allclose(fast, ref, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_ref), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    # The fully masked dataset pools to zeros (not to the bias) in both.
+    empty = nnx.merge(graphdef, state)._pooled_mean_of_phi(x[1:2], mask[1:2])
+    np.testing.assert_array_equal(empty, 0.0)
+    # The bias counts: changing it changes the output.
+    net.phi.output_layer.bias[...] = jnp.zeros(16)
+    assert float(jnp.max(jnp.abs(net(x, mask) - fast))) > 1e-3
+
+
+@pytest.mark.parametrize(
+    ("pooling", "per_observation"), [(("mean",), False), (("mean", "max"), True)]
+)
+def test_deep_set_embeds_every_observation_only_when_it_must(pooling, per_observation):
+    """Mean pooling alone never runs a whole DenseNetwork on the observations
+    (phi's last layer comes after the mean); with max pooling phi runs on each."""
+    spec = dataclasses.replace(TINY["DeepSet"], pooling=pooling)
+    net = spec.build(OBS_DIM, rngs=nnx.Rngs(0))
+    calls = []
+    original = type(net.phi).__call__
+
+    def spy(self, h):
+        calls.append(h.shape)
+        return original(self, h)
+
+    x = observations((2, 7, OBS_DIM))
+    try:
+        type(net.phi).__call__ = spy
+        net(x)
+    finally:
+        type(net.phi).__call__ = original
+    assert ((2, 7, OBS_DIM) in calls) == per_observation, calls
+    assert (2, 16 * len(pooling) + 1) in calls  # rho, on the pooled features
+
+
 def test_mlp_summary_on_flat_inputs_ignores_masked_entries():
     spec = networks.MLP(summary_dim=5, hidden=(16,))
     call = jitted(spec.build(8, rngs=nnx.Rngs(0)))

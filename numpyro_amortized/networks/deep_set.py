@@ -7,6 +7,13 @@ statistics (masked mean and max by default) and, optionally, ``log(1 + n)`` with
 sets the posterior's width when ``n_obs`` varies), then an MLP ``rho`` maps the pool to
 ``summary_dim`` numbers. Masked (padded or missing) observations are excluded from
 every pooled statistic, so padding + mask gives the unpadded result.
+
+With mean pooling alone (the default) the last layer of ``phi`` is applied after
+pooling: it is affine and the mean is linear, so
+``mean_i(W h_i + b) = W mean_i(h_i) + b`` and the widest matrix product runs once
+per dataset instead of once per observation. Same function, same parameters (up
+to floating-point rounding); on the quickstart (50 observations per dataset) a
+training step took about half the time.
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .mlp import DenseNetwork
+from .mlp import DenseNetwork, _activation
 from .registry import SpecMixin, register_spec
 from .summary import masked_max, masked_mean
 
@@ -53,13 +60,42 @@ class DeepSetModule(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         if mask is not None:
             x = jnp.where(mask[..., None], x, 0.0)
-        h = self.phi(x)
-        feats = [_POOLS[name](h, mask) for name in self.pooling]
+        if self.pooling == ("mean",) and _plain_linear(self.phi.output_layer):
+            feats = [self._pooled_mean_of_phi(x, mask)]
+        else:
+            h = self.phi(x)
+            feats = [_POOLS[name](h, mask) for name in self.pooling]
         if self.include_count:
             n = x.shape[-2] if mask is None else jnp.sum(mask, axis=-1)
             n = jnp.broadcast_to(jnp.asarray(n, x.dtype), x.shape[:-2])
             feats.append(jnp.log1p(n)[..., None])
         return self.rho(jnp.concatenate(feats, axis=-1))
+
+    def _pooled_mean_of_phi(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        """``masked_mean(phi(x), mask)`` with phi's affine last layer after the mean.
+
+        ``masked_mean(h W + b) = masked_mean(h) W + b * masked_mean(1)``; the last
+        factor is 1 when any observation is present and 0 when none is, as for
+        the mean of the full embeddings.
+        """
+        act = _activation(self.phi.activation)
+        h = x
+        for layer in self.phi.hidden_layers:
+            h = act(layer(h))
+        out = self.phi.output_layer
+        present = masked_mean(jnp.ones_like(h[..., :1]), mask)
+        return masked_mean(h, mask) @ out.kernel[...] + present * out.bias[...]
+
+
+def _plain_linear(layer: nnx.Module) -> bool:
+    """An ``nnx.Linear`` with a bias and default numerics (no Bayesian noise)."""
+    return (
+        type(layer) is nnx.Linear
+        and layer.bias is not None
+        and layer.dot_general is jax.lax.dot_general
+        and layer.precision is None
+        and layer.dtype is None
+    )
 
 
 @register_spec
