@@ -77,6 +77,8 @@ CONFIGS: dict[str, dict] = {
     "batch64": {"batch_size": 64},
     "batch32": {"batch_size": 32},
     "batch16": {"batch_size": 16},
+    "batch256": {"batch_size": 256},
+    "batch512": {"batch_size": 512},
     "batch18": {"batch_size": 18},
     "batch32_lr5e-4": {"batch_size": 32, "learning_rate": 5e-4},
     "batch32_epochs1000": {"batch_size": 32, "max_epochs": 1000},
@@ -84,6 +86,7 @@ CONFIGS: dict[str, dict] = {
     "epochs1000": {"max_epochs": 1000},
     "patience50": {"patience": 50},
     "ema0.99": {"ema": 0.99},
+    "ema0.9995": {"ema": 0.9995},
     "no_ema": {"ema": None},
     "sbi_like": {
         "batch_size": 200,
