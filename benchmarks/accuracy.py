@@ -268,7 +268,7 @@ def library_state() -> dict:
         n: p.default
         for n, p in params.items()
         if p.default is not inspect.Parameter.empty
-        and isinstance(p.default, int | float | bool)
+        and (p.default is None or isinstance(p.default, int | float | bool | str))
     }
     return {
         "git_commit": commit or None,
