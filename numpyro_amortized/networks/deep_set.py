@@ -13,7 +13,7 @@ pooling: it is affine and the mean is linear, so
 ``mean_i(W h_i + b) = W mean_i(h_i) + b`` and the widest matrix product runs once
 per dataset instead of once per observation. Same function, same parameters (up
 to floating-point rounding); on the quickstart (50 observations per dataset) a
-training step took about half the time.
+training step ran 1.7x faster.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .mlp import DenseNetwork, _activation
+from .mlp import DenseNetwork
 from .registry import SpecMixin, register_spec
 from .summary import masked_max, masked_mean
 
@@ -78,10 +78,7 @@ class DeepSetModule(nnx.Module):
         factor is 1 when any observation is present and 0 when none is, as for
         the mean of the full embeddings.
         """
-        act = _activation(self.phi.activation)
-        h = x
-        for layer in self.phi.hidden_layers:
-            h = act(layer(h))
+        h = self.phi.hidden(x)
         out = self.phi.output_layer
         present = masked_mean(jnp.ones_like(h[..., :1]), mask)
         return masked_mean(h, mask) @ out.kernel[...] + present * out.bias[...]

@@ -81,10 +81,14 @@ class DenseNetwork(nnx.Module):
         self.out_features = out_features
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        return self.output_layer(self.hidden(x))
+
+    def hidden(self, x: jax.Array) -> jax.Array:
+        """The last hidden layer's activations (the output layer's input)."""
         act = _activation(self.activation)
         for layer in self.hidden_layers:
             x = act(layer(x))
-        return self.output_layer(x)
+        return x
 
 
 class MLPSummary(nnx.Module):
