@@ -131,7 +131,10 @@ def sampling(post: na.AmortizedPosterior) -> dict:
     ``post.sample`` (the library path) next to, in the same run: the generic
     inverse (``FlowModule.sample``, bins on the last axis) and the conditioner
     MLPs alone as the library path computes them (matrix products and
-    activations, no splines): a floor for this network with this layout.
+    activations, no splines). That row sums the conditioner outputs after they
+    are moved to the parameters-first layout, so it also pays for reading them
+    through that transpose: a loose floor, not the matrix products' cost alone
+    (a profiler trace put those at about a quarter of a sampling call).
     """
     x = gaussian_means.simulate(jax.random.key(3), 1_000, progress=False)["x"]
     key = jax.random.key(4)
