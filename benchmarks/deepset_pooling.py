@@ -5,7 +5,7 @@ mean (``mean_i(W h_i + b) = W mean_i(h_i) + b``). This script times the library'
 training step (default optimizer, batch 128, the quickstart model's 50
 observations per dataset) both ways in one process, alternating the two compiled
 functions so that host noise hits both alike, and checks that the losses agree.
-The old path is forced by patching ``deep_set._plain_linear`` to return False.
+The old path is forced by patching ``deep_set.is_plain_linear`` to return False.
 
     python benchmarks/deepset_pooling.py
 
@@ -55,12 +55,12 @@ def main() -> None:
         fn = jax.jit(epoch)
         return fn, jax.block_until_ready(fn(state))
 
-    shortcut = deep_set._plain_linear
-    deep_set._plain_linear = lambda layer: False
+    shortcut = deep_set.is_plain_linear
+    deep_set.is_plain_linear = lambda layer: False
     try:
         per_observation, loss_old = compiled()
     finally:
-        deep_set._plain_linear = shortcut
+        deep_set.is_plain_linear = shortcut
     pooled, loss_new = compiled()
 
     times = {"per_observation": [], "pooled_mean": []}

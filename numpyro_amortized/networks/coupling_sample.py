@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from .mlp import _activation
+from .mlp import _activation, is_plain_linear
 
 if TYPE_CHECKING:
     from .coupling import CouplingFlowModule, CouplingLayer
@@ -44,9 +43,7 @@ def can_sample_fast(flow: CouplingFlowModule) -> bool:
     for layer in flow.couplings:
         net = layer.conditioner
         linears = [*getattr(net, "hidden_layers", ()), getattr(net, "output_layer", 0)]
-        if len(linears) < 2 or not all(type(m) is nnx.Linear for m in linears):
-            return False
-        if not all(getattr(m, "bias", None) is not None for m in linears):
+        if len(linears) < 2 or not all(is_plain_linear(m) for m in linears):
             return False
         if not hasattr(layer.transform, "inverse_columns"):
             return False

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from .mlp import DenseNetwork
+from .mlp import DenseNetwork, is_plain_linear
 from .registry import SpecMixin, register_spec
 from .summary import masked_max, masked_mean
 
@@ -60,7 +60,7 @@ class DeepSetModule(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         if mask is not None:
             x = jnp.where(mask[..., None], x, 0.0)
-        if self.pooling == ("mean",) and _plain_linear(self.phi.output_layer):
+        if self.pooling == ("mean",) and is_plain_linear(self.phi.output_layer):
             feats = [self._pooled_mean_of_phi(x, mask)]
         else:
             h = self.phi(x)
@@ -82,17 +82,6 @@ class DeepSetModule(nnx.Module):
         out = self.phi.output_layer
         present = masked_mean(jnp.ones_like(h[..., :1]), mask)
         return masked_mean(h, mask) @ out.kernel[...] + present * out.bias[...]
-
-
-def _plain_linear(layer: nnx.Module) -> bool:
-    """An ``nnx.Linear`` with a bias and default numerics (no Bayesian noise)."""
-    return (
-        type(layer) is nnx.Linear
-        and layer.bias is not None
-        and layer.dot_general is jax.lax.dot_general
-        and layer.precision is None
-        and layer.dtype is None
-    )
 
 
 @register_spec

@@ -36,6 +36,18 @@ def _activation(name: str):
     return ACTIVATIONS[name]
 
 
+def is_plain_linear(layer: nnx.Module) -> bool:
+    """An ``nnx.Linear`` with a bias and default numerics, so ``x @ kernel + bias``
+    computes it exactly (not a Bayesian or otherwise customized layer)."""
+    return (
+        type(layer) is nnx.Linear
+        and layer.bias is not None
+        and layer.dot_general is jax.lax.dot_general
+        and layer.precision is None
+        and layer.dtype is None
+    )
+
+
 class DenseNetwork(nnx.Module):
     """A stack of ``nnx.Linear`` layers acting on the last axis.
 
