@@ -45,8 +45,7 @@ def accuracy_rows() -> dict[tuple[str, int], dict]:
                 _same_fit(row), {"stamp": "", "scores": {}, "files": [], "row": row}
             )
             for k, score in zip(row["observations"], row["c2st"], strict=True):
-                g["scores"].setdefault(k, (stamp, score))
-                if stamp > g["scores"][k][0]:
+                if k not in g["scores"] or stamp > g["scores"][k][0]:
                     g["scores"][k] = (stamp, score)
             g["files"].append(path.name)
             g["stamp"] = max(g["stamp"], stamp)
