@@ -20,6 +20,7 @@ import numpy as np
 from numpyro_amortized.compare_metrics import C2ST_MODES, comparison_tables
 from numpyro_amortized.diagnostics.draws import flatten_sites
 from numpyro_amortized.nuts import run_nuts
+from numpyro_amortized.verdict import Verdict, assess, headline
 
 __all__ = ["NutsComparison", "WallTime", "compare_with_nuts"]
 
@@ -84,17 +85,29 @@ class NutsComparison:
         """Datasets compared (None for a single, unbatched dataset)."""
         return self.nuts.posterior.sizes.get("dataset")
 
+    @property
+    def verdict(self) -> Verdict:
+        """Whether NUTS converged and the amortized posterior matches it, with the
+        default thresholds (:func:`~numpyro_amortized.verdict.assess`; call it
+        on ``metrics`` and ``joint`` for others)."""
+        return assess(self.metrics, self.joint)
+
     def summary(self) -> str:
-        """The metrics as text, with the wall-clock times."""
+        """The verdict first, then the metrics as text.
+
+        The first line says whether the NUTS reference converged and whether the
+        amortized posterior matches it; "N x faster" appears only when both
+        hold (:mod:`numpyro_amortized.verdict`)."""
         import pandas as pd
 
         w = self.wall_time
         train = "" if w.training is None else f", training {w.training:.1f} s"
-        head = (
+        speed = (
             f"amortized {w.amortized * 1e3:.1f} ms (first call "
             f"{w.amortized_first:.2f} s{train}) vs NUTS ({self.backend}) "
-            f"{w.nuts:.1f} s: {w.speedup:,.0f}x faster"
+            f"{w.nuts:.1f} s"
         )
+        head = headline(self.verdict, speed, w.speedup)
         with pd.option_context("display.width", 120, "display.max_columns", 20):
             return f"{head}\n{self.metrics.round(3)}\n{self.joint.round(3)}"
 

@@ -120,6 +120,9 @@ def test_blackjax_batched_matches_analytic_posteriors(exact_blackjax, x3):
     assert list(j.index) == [0, 1, 2]
     assert (j["c2st"] < 0.57).all(), j["c2st"]
     assert (j["max_r_hat"] < 1.05).all() and (j["divergences"] == 0).all()
+    assert exact_blackjax.verdict.status == "matches", exact_blackjax.verdict
+    assert exact_blackjax.summary().startswith("Matches NUTS")
+    assert "x faster" in exact_blackjax.summary().splitlines()[0]
 
 
 def test_inference_data_groups_and_dims(exact_blackjax):
@@ -189,6 +192,10 @@ def test_metrics_measure_known_distortions(x3, shift, sd_scale, mean_diff, sd_di
     np.testing.assert_allclose(m["sd_diff"], sd_diff, atol=0.12)
     assert (report.joint["mmd"] > 0.03).all(), report.joint
     assert report.joint["c2st"].isna().all()
+    # A converged reference and a distorted amortized side: no speed claim.
+    assert report.verdict.status == "differs", report.verdict
+    assert report.verdict.mismatched == (0, 1, 2)
+    assert report.summary().startswith("DIFFERS") and "faster" not in report.summary()
 
 
 def test_plot_overlays_both_posteriors(exact_blackjax, tmp_path):
