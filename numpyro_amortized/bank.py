@@ -2,25 +2,38 @@
 
 A bank is one ``.npz`` file holding every simulated array plus a JSON header
 (``__bank__``) with the format version, library version, model name and the
-description of every site (shape, support, role). Loading with a model checks that
-the bank was made by a model with the same sites, shapes and supports: a bank from
-a different model is a clear error, never silently used.
+description of every site (shape, support, role) and a SHA-256 of all of it.
+Loading with a model checks that the bank was made by a model with the same sites,
+shapes and supports: a bank from a different model is a clear error, never silently
+used. A damaged or truncated bank raises :class:`CorruptBankError` (banks written
+before the checksum was added load without that check).
+
+Files are written with :func:`~numpyro_amortized.safe_write.atomic_write`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from numpyro_amortized.model import AmortizedModel
+from numpyro_amortized.safe_write import atomic_savez
 from numpyro_amortized.varying import MASK_SUFFIX
 
-__all__ = ["BankMismatchError", "save_simulations", "load_simulations"]
+__all__ = [
+    "BankMismatchError",
+    "CorruptBankError",
+    "digest",
+    "load_simulations",
+    "save_simulations",
+]
 
 BANK_FORMAT = 1
 _HEADER = "__bank__"
@@ -28,6 +41,25 @@ _HEADER = "__bank__"
 
 class BankMismatchError(ValueError):
     """A simulation bank does not match the model it is loaded for."""
+
+
+class CorruptBankError(ValueError):
+    """A simulation bank (file or disk bank) is truncated or damaged."""
+
+
+def digest(arrays: dict[str, Any], prefix: bytes = b"") -> str:
+    """SHA-256 of ``prefix`` and the names, dtypes, shapes and bytes of arrays."""
+    h = hashlib.sha256(prefix)
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"\n{name}:{a.dtype.str}:{a.shape}\n".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _header_digest(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    body = {k: v for k, v in header.items() if k != "sha256"}
+    return digest(arrays, json.dumps(body, sort_keys=True).encode())
 
 
 def _signature(model: AmortizedModel, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -58,7 +90,12 @@ def save_simulations(
         **kwargs: keyword model arguments used for the simulations.
 
     Returns:
-        The path written. The write is atomic (temporary file + rename).
+        The path written. The write is atomic (see :func:`atomic_write`): with
+        ``overwrite=False`` an existing file, even one created by a concurrent
+        writer, is never replaced.
+
+    Raises:
+        FileExistsError: the file exists and ``overwrite`` is False.
     """
     from numpyro_amortized import __version__
 
@@ -93,29 +130,11 @@ def save_simulations(
                 "were made with."
             )
     arrays = {k: np.asarray(v) for k, v in simulations.items()}
+    header = json.loads(json.dumps(header))  # what a reader will see
+    header["sha256"] = _header_digest(header, arrays)
     arrays[_HEADER] = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    atomic_savez(path, arrays)
+    atomic_savez(path, arrays, overwrite=overwrite)
     return path
-
-
-def atomic_savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` as an ``.npz`` at ``path`` atomically.
-
-    The data go to a temporary file in the same folder, are flushed to disk and
-    then renamed over ``path`` (``os.replace``), so a crash or an error mid-write
-    leaves any previous file untouched and no partial file behind.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_simulations(
@@ -134,22 +153,48 @@ def load_simulations(
 
     Raises:
         BankMismatchError: the bank's sites differ from the model's.
+        CorruptBankError: the file is truncated, damaged, or its checksum differs.
         ValueError: the file is not a simulation bank or has a newer format.
     """
+    with open(path, "rb") as f:
+        head = f.read(64)
+    looks_ours = head[:4] == b"PK\x03\x04" and (_HEADER + ".npy").encode() in head
+    damaged = (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError)
     try:
         data = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
+    except damaged as e:
+        if looks_ours or isinstance(e, zipfile.BadZipFile):
+            raise CorruptBankError(
+                f"{path} is a damaged or truncated simulation bank ({e}); "
+                "simulate it again or restore it from a backup."
+            ) from e
         raise ValueError(f"{path} is not a readable simulation bank: {e}") from e
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} is a single .npy array, not a simulation bank.")
     with data:
         if _HEADER not in data.files:
             raise ValueError(f"{path} is not a numpyro_amortized simulation bank.")
-        header = json.loads(bytes(data[_HEADER]).decode())
-        if header.get("format", 0) > BANK_FORMAT:
-            raise ValueError(
-                f"{path} has bank format {header['format']}, newer than this "
-                f"library's ({BANK_FORMAT}); upgrade numpyro_amortized."
-            )
-        sims = {k: data[k] for k in data.files if k != _HEADER}
+        try:
+            header = json.loads(bytes(data[_HEADER]).decode())
+            sims = {k: data[k] for k in data.files if k != _HEADER}
+        except (*damaged, UnicodeDecodeError) as e:
+            raise CorruptBankError(
+                f"{path} is a damaged simulation bank ({e}); simulate it again or "
+                "restore it from a backup."
+            ) from e
+    if not isinstance(header, dict):
+        raise CorruptBankError(f"{path} has a damaged bank header.")
+    if header.get("format", 0) > BANK_FORMAT:
+        raise ValueError(
+            f"{path} has bank format {header['format']}, newer than this "
+            f"library's ({BANK_FORMAT}); upgrade numpyro_amortized."
+        )
+    # Banks written before checksums were added have no "sha256": not checked.
+    if "sha256" in header and header["sha256"] != _header_digest(header, sims):
+        raise CorruptBankError(
+            f"{path} is damaged: its checksum does not match its contents. "
+            "Simulate it again or restore it from a backup."
+        )
     if model is not None:
         _check(header, _signature(model, args, kwargs), path)
     return sims

@@ -15,11 +15,17 @@ indices, and every simulation bank from the same key, so ``resume_from=`` with
 the same key and settings replays the remaining epochs on exactly the state an
 uninterrupted run would have had: the final weights are identical. A checkpoint
 made with other settings, another key or another bank is refused.
+
+A fit never replaces files of another run: if ``checkpoint.npa`` or ``best.npa``
+already exist in ``checkpoint_dir``, ``fit`` refuses to start unless it resumes
+from that same checkpoint. The folder is created if missing and tested for
+writing before training starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 from pathlib import Path
@@ -31,13 +37,20 @@ import numpy as np
 
 from numpyro_amortized.codec import tree_from_arrays, tree_to_arrays
 from numpyro_amortized.history import History
-from numpyro_amortized.io import check_model, digest, read_file, write_file
+from numpyro_amortized.io import (
+    check_model,
+    digest,
+    model_fingerprint,
+    read_file,
+    write_file,
+)
 from numpyro_amortized.networks.registry import network_config, network_from_config
 from numpyro_amortized.posterior_io import (
     encode_posterior,
     fitted_from,
     history_from_dict,
 )
+from numpyro_amortized.safe_write import clean_stale, partial_path
 
 if TYPE_CHECKING:
     from numpyro_amortized.posterior import AmortizedPosterior
@@ -101,18 +114,21 @@ class Checkpointer:
         self._resume = None if resume_from is None else _open(post, resume_from)
         if self._resume is not None:
             _check_settings(self._resume, settings)
+        self._owned: set[str] = set()  # files this run may replace
+        self.fingerprint = None
         if self.directory is not None:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            _check_writable(self.directory)
             latest = self.directory / CHECKPOINT
             same = self._resume is not None and self._resume.path.resolve() == (
                 latest.resolve()
             )
-            if latest.exists() and not same:
-                raise FileExistsError(
-                    f"{latest} exists (a checkpoint of another run). Pass "
-                    f"resume_from='{latest}' to continue it, or choose another "
-                    "checkpoint_dir."
-                )
+            if same:
+                self._owned = {CHECKPOINT, BEST}
+            else:
+                _refuse_existing(self.directory)
+            self.fingerprint = model_fingerprint(
+                post.model, tuple(post.model_args), dict(post.model_kwargs)
+            )
 
     @classmethod
     def create(
@@ -188,11 +204,10 @@ class Checkpointer:
         due = position.done or history.num_epochs % self.every == 0
         if self.directory is None or not (improved or due):
             return
-        content, arrays = encode_posterior(post, best_params)
+        content, arrays = encode_posterior(post, best_params, self.fingerprint)
         content["posterior"]["history"] = history.to_dict()
         if improved:
-            best = self.directory / BEST
-            write_file(best, "posterior", content, arrays, overwrite=True)
+            self._write(BEST, "posterior", content, arrays)
         if not due:
             return
         train_arrays, train_index = tree_to_arrays("train_params", state.params)
@@ -204,8 +219,43 @@ class Checkpointer:
             "trees": {"train_params": train_index, "opt_state": opt_index},
         }
         arrays = {**arrays, **train_arrays, **opt_arrays}
-        write_file(
-            self.directory / CHECKPOINT, "checkpoint", content, arrays, overwrite=True
+        self._write(CHECKPOINT, "checkpoint", content, arrays)
+
+    def _write(self, name: str, kind: str, content: dict, arrays: dict) -> None:
+        """Write a file of this run: replace it if this run wrote (or resumes) it,
+        else refuse to replace one that appeared meanwhile."""
+        path = self.directory / name
+        write_file(path, kind, content, arrays, overwrite=name in self._owned)
+        self._owned.add(name)
+
+
+def _check_writable(directory: Path) -> None:
+    """Create ``directory`` if missing and check a file can be written there."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        clean_stale(directory)
+        probe = partial_path(directory / "write-test")
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        probe.unlink()
+    except OSError as e:
+        raise OSError(
+            e.errno or errno.EIO,
+            f"checkpoint_dir {directory} cannot be written ({e.strerror or e}). "
+            "Choose a folder you can write to, or fix its permissions, before "
+            "training",
+            str(directory),
+        ) from e
+
+
+def _refuse_existing(directory: Path) -> None:
+    """Raise if ``directory`` holds checkpoint files of another run."""
+    found = [directory / n for n in (CHECKPOINT, BEST) if (directory / n).exists()]
+    if found:
+        names = " and ".join(str(p) for p in found)
+        raise FileExistsError(
+            f"{names} already exist (files of an earlier run), and fit does not "
+            f"replace them. Pass resume_from='{directory / CHECKPOINT}' to continue "
+            "that run, choose another checkpoint_dir, or delete them first."
         )
 
 

@@ -6,38 +6,45 @@ archive. Its first member, ``__numpyro_amortized__``, is a UTF-8 JSON header::
     {"magic": "numpyro_amortized", "kind": "posterior" | "checkpoint",
      "format": 1, "library_version": "...", "sha256": "...",
      "posterior": {inference_net, summary_net (configs by registered name),
-                   model (name, observed, targets, arguments), signature and
-                   sites (shapes, supports, plates), space, layout, history,
+                   model (name, observed, targets, arguments, fingerprint),
+                   signature and sites (shapes, supports, plates), space,
+                   layout, history,
                    trees (path, shape, dtype of every saved weight)},
      "training": {...}}                         # checkpoints only
 
 and every other member is a plain array: ``params/<i>`` and ``rest/<i>`` (network
 state), ``theta_std/*`` and ``x_std/*`` (standardization), ``model_args/*`` (array
 arguments of the model) and, in checkpoints, the optimizer state. ``sha256`` covers
-the header and every array, so a damaged file is detected, not loaded.
+the header and every array, so a damaged file is detected, not loaded. Files
+are written with :func:`~numpyro_amortized.safe_write.atomic_write` (all or nothing,
+never over a file another writer made meanwhile).
 
 Loading rebuilds the networks from their specs (or registered user modules, see
 :func:`~numpyro_amortized.networks.register_module`) and puts the saved weights in;
 the weights must fit the rebuilt structure exactly. Without the model, sampling,
 ``log_prob``, ``summarize`` and ``to_inference_data`` work; simulation and training
 need ``load(path, model=model)``, which also checks that the model has the saved
-sites. Files of a newer format raise :class:`FormatVersionError`; damaged or
-truncated files :class:`CorruptFileError`; other files
-:class:`NotAnAmortizerFileError`.
+sites, and warns (:class:`ModelChangedWarning`) when its prior draws differ from
+the saved fingerprint (:func:`model_fingerprint`). Files of a newer format raise
+:class:`FormatVersionError`; damaged or truncated files :class:`CorruptFileError`;
+other files :class:`NotAnAmortizerFileError`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import warnings
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import jax
 import numpy as np
 
-from numpyro_amortized.bank import BankMismatchError, _check, _signature, atomic_savez
+from numpyro_amortized.bank import BankMismatchError, _check, _signature, digest
+from numpyro_amortized.safe_write import atomic_savez
+from numpyro_amortized.sites import run_trace
 
 if TYPE_CHECKING:
     from numpyro_amortized.posterior import AmortizedPosterior
@@ -47,12 +54,14 @@ __all__ = [
     "AmortizerFileError",
     "CorruptFileError",
     "FormatVersionError",
+    "ModelChangedWarning",
     "ModelMismatchError",
     "ModelRequiredError",
     "NotAnAmortizerFileError",
     "check_model",
     "digest",
     "load",
+    "model_fingerprint",
     "read_file",
     "save_posterior",
     "write_file",
@@ -86,21 +95,17 @@ class ModelMismatchError(BankMismatchError):
     """The model passed to :func:`load` differs from the one trained on."""
 
 
+class ModelChangedWarning(UserWarning):
+    """The model passed to :func:`load` has the saved sites but draws other values
+    (other priors or another simulator) than the one the posterior was trained on.
+    """
+
+
 class ModelRequiredError(RuntimeError):
     """A posterior loaded without its model was asked to simulate or train."""
 
 
 # ------------------------------------------------------------------ container
-def digest(arrays: dict[str, Any], prefix: bytes = b"") -> str:
-    """SHA-256 of ``prefix`` and the names, dtypes, shapes and bytes of arrays."""
-    h = hashlib.sha256(prefix)
-    for name in sorted(arrays):
-        a = np.ascontiguousarray(arrays[name])
-        h.update(f"\n{name}:{a.dtype.str}:{a.shape}\n".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def _digest(header: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
     body = {k: v for k, v in header.items() if k != "sha256"}
     return digest(arrays, json.dumps(body, sort_keys=True).encode())
@@ -114,7 +119,11 @@ def write_file(
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Write a header + arrays file atomically (temporary file + rename).
+    """Write a header + arrays file atomically
+    (:func:`~numpyro_amortized.bank.atomic_write`).
+
+    With ``overwrite=False`` the final name is taken with ``os.link``, which fails
+    if the file exists, even one created by a concurrent writer a moment ago.
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -122,8 +131,8 @@ def write_file(
     from numpyro_amortized import __version__
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(
+    if os.path.lexists(path) and not overwrite:  # fail before encoding; the
+        raise FileExistsError(  # write itself checks again, atomically
             f"{path} exists; pass overwrite=True to replace it (or choose another "
             "path)."
         )
@@ -137,7 +146,8 @@ def write_file(
     header = json.loads(json.dumps(header))  # what a reader will see
     header["sha256"] = _digest(header, arrays)
     raw = np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)
-    atomic_savez(path, {HEADER: raw, **arrays})  # header first: recognizable
+    # header first: recognizable
+    atomic_savez(path, {HEADER: raw, **arrays}, overwrite=overwrite)
     return path
 
 
@@ -291,12 +301,106 @@ def load(
 
 
 def check_model(path: Any, content: dict[str, Any], model: Any, args, kwargs) -> None:
-    """Raise :class:`ModelMismatchError` if ``model`` lacks the saved sites."""
+    """Raise :class:`ModelMismatchError` if ``model`` lacks the saved sites; warn
+    (:class:`ModelChangedWarning`) if its prior draws differ from the saved ones.
+
+    Files saved before the fingerprint was added are checked by sites only.
+    """
+    args, kwargs = tuple(args), dict(kwargs)
     _check(
         content["signature"],
-        _signature(model, tuple(args), dict(kwargs)),
+        _signature(model, args, kwargs),
         path,
         what="saved posterior",
         fix="Pass the model (and model_args/model_kwargs) it was trained with.",
         error=ModelMismatchError,
     )
+    saved = content["model"].get("fingerprint")
+    if not saved:
+        return
+    differ = fingerprint_differences(saved, model_fingerprint(model, args, kwargs))
+    if differ:
+        warnings.warn(
+            f"The model passed to load ('{getattr(model.fn, '__name__', 'model')}' "
+            f"with these arguments) draws other values for site(s) "
+            f"{', '.join(differ)} than the model {path} was trained with "
+            f"('{content['signature']['model']}'): same sites and shapes, but other "
+            "priors or another simulator. The posterior still answers for the model "
+            "it was trained on: train again for this model, or load with the original "
+            "one. (To treat this as an error: warnings.simplefilter('error', "
+            "na.io.ModelChangedWarning).)",
+            ModelChangedWarning,
+            stacklevel=3,
+        )
+
+
+FINGERPRINT_SIMULATIONS = 8
+FINGERPRINT_VERSION = 1
+"""Bump when the way a traced model uses its key changes (old fingerprints are
+then ignored instead of flagging every model as changed)."""
+
+
+def model_fingerprint(model: Any, args: tuple, kwargs: dict) -> dict[str, Any] | None:
+    """A few numbers that identify a model's priors and simulator.
+
+    The model is run ``FINGERPRINT_SIMULATIONS`` times, eagerly (no compilation:
+    milliseconds), under ``seed`` with the fixed keys ``jax.random.key(k)``,
+    ``k = 0, 1, ...``; for every sample site the mean and root mean square of each
+    simulation are kept (robust to last-digit differences between devices, which
+    a hash of the draws is not). Two models with the same sites and shapes but
+    other priors or simulators differ here.
+
+    Returns:
+        ``{"version": 1, "key": 0, "num_simulations": 8, "sites": {site: [mean,
+        rms, ...]}}``,
+        or None when the model cannot be simulated with fixed arguments alone
+        (arguments drawn per simulation): then only sites are checked.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traces = [
+                run_trace(model.fn, jax.random.key(k), args, kwargs)
+                for k in range(FINGERPRINT_SIMULATIONS)
+            ]
+    except Exception:  # noqa: BLE001 - best effort: the sites are still checked
+        return None
+    sims = {
+        name: np.stack([np.asarray(t[name]["value"], np.float64) for t in traces])
+        for name, site in traces[0].items()
+        if site["type"] == "sample"
+    }
+    stats = {}
+    for name in sorted(sims):
+        v = np.asarray(sims[name], np.float64).reshape(FINGERPRINT_SIMULATIONS, -1)
+        with np.errstate(all="ignore"):
+            both = np.stack([v.mean(1), np.sqrt((v**2).mean(1))], 1).ravel()
+        stats[name] = [float(x) if np.isfinite(x) else None for x in both]
+    return {
+        "version": FINGERPRINT_VERSION,
+        "key": 0,
+        "num_simulations": FINGERPRINT_SIMULATIONS,
+        "sites": stats,
+    }
+
+
+def fingerprint_differences(saved: dict[str, Any], now: dict | None) -> list[str]:
+    """Sites whose fingerprint numbers differ (relative tolerance 1e-3)."""
+    if now is None or any(saved.get(k) != now[k] for k in ("version", "key")):
+        return []
+    if saved.get("num_simulations") != now["num_simulations"]:
+        return []
+    differ = []
+    for name, a in saved["sites"].items():
+        b = now["sites"].get(name)
+        if b is None:
+            continue
+        x = np.array([np.nan if v is None else v for v in a], np.float64)
+        y = np.array([np.nan if v is None else v for v in b], np.float64)
+        scale = np.nanmax(np.abs(x), initial=0.0)
+        same = x.shape == y.shape and np.allclose(
+            x, y, rtol=1e-3, atol=1e-4 * scale, equal_nan=True
+        )
+        if not same:
+            differ.append(f"'{name}'")
+    return differ

@@ -32,7 +32,12 @@ from numpyro_amortized.codec import (
 )
 from numpyro_amortized.data import Standardizer
 from numpyro_amortized.history import History
-from numpyro_amortized.io import AmortizerFileError, ModelRequiredError, check_model
+from numpyro_amortized.io import (
+    AmortizerFileError,
+    ModelRequiredError,
+    check_model,
+    model_fingerprint,
+)
 from numpyro_amortized.model import AmortizedModel
 from numpyro_amortized.networks.registry import network_config, network_from_config
 
@@ -84,10 +89,11 @@ class DetachedModel(AmortizedModel):
 
 # -------------------------------------------------------------------- encode
 def encode_posterior(
-    post: AmortizedPosterior, params: Any = None
+    post: AmortizedPosterior, params: Any = None, fingerprint: Any = False
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Header content and arrays of a fitted posterior (``params`` overrides the
-    weights, e.g. the best ones during training)."""
+    weights, e.g. the best ones during training; ``fingerprint`` the model's
+    :func:`~numpyro_amortized.io.model_fingerprint`, computed when False)."""
     f = post._require()
     arrays, p_index = tree_to_arrays("params", f.params if params is None else params)
     rest_arrays, r_index = tree_to_arrays("rest", f.rest)
@@ -101,11 +107,14 @@ def encode_posterior(
         meta = {k: model.content[k] for k in keep}
     else:
         args, kwargs = post.model_args, post.model_kwargs
+        if fingerprint is False:
+            fingerprint = model_fingerprint(model, tuple(args), dict(kwargs))
         meta = {
             "model": {
                 "name": getattr(model.fn, "__name__", "model"),
                 "observed": list(model.observed),
                 "targets": list(f.space.names),
+                "fingerprint": fingerprint,
             },
             "signature": _signature(model, args, kwargs),
             "sites": encode_sites(model.describe(*args, **kwargs)),
