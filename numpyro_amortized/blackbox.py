@@ -2,18 +2,31 @@
 
 :class:`NumpySimulator` is a NumPyro distribution whose ``sample`` calls a NumPy
 function through ``jax.pure_callback``. It works inside ``jit`` and ``vmap``: under
-``model.simulate`` a whole chunk of simulations reaches the NumPy function in one
-call (``vectorized=True``) or is looped over in Python inside that one callback.
+``model.simulate`` a whole chunk of simulations reaches the host in one callback,
+which loops over them in Python (a ``vectorized=True`` function gets each as a
+batch of one, see Randomness).
 It has no likelihood: amortized (simulation-based) inference needs none, while
 NUTS and SVI do and get a clear error.
 
-Randomness: each simulation's JAX key is turned into a 64-bit seed; the NumPy
-function gets a ``numpy.random.Generator`` built from the seeds it is asked for,
-so results are reproducible from the JAX key.
+Randomness: each simulation's JAX key is turned into a 64-bit seed and the NumPy
+function is called once per simulation with a ``numpy.random.Generator`` built
+from that seed (a vectorized function gets a batch of one), so results are
+reproducible from the JAX key and do not depend on how simulations are chunked
+(``batch_size``); vectorized and per-simulation versions of the same simulator
+give the same simulations. One call per chunk with one generator would tie each
+simulation's noise to its chunk's composition.
+
+Failures: a simulation whose NumPy function raises an ``Exception`` counts as
+failed: its output is NaN, so ``model.simulate`` and ``fit`` drop and count it
+like any NaN simulation, and one ``RuntimeWarning`` names the simulator, the
+parameters of the first failure and the error. (Stopping instead would lose a
+whole bank for one bad parameter set, which simulators often have at the edges
+of the prior.) Integer outputs have no NaN, so there the error propagates.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,9 +44,11 @@ class NumpySimulator(Distribution):
     Args:
         simulator: ``simulator(rng, *params) -> array``. With ``vectorized=True``
             every parameter has a leading batch axis ``(B, *param.shape)`` and the
-            result must be ``(B, *event_shape)``; otherwise it is called once per
-            simulation with the parameters' own shapes and returns
-            ``event_shape``. ``rng`` is a ``numpy.random.Generator``.
+            result must be ``(B, *event_shape)`` (it is called with ``B = 1``,
+            once per simulation); otherwise it gets the parameters' own shapes
+            and returns ``event_shape``. ``rng`` is a ``numpy.random.Generator``
+            seeded for that one simulation. A simulator that raises makes that
+            simulation NaN (a failed simulation; one warning).
         *params: JAX arrays (e.g. sampled latent values) passed to the simulator.
         event_shape: shape of one simulated dataset.
         dtype: dtype of the simulated data.
@@ -116,8 +131,11 @@ def _make_callback(
     dtype: np.dtype,
     param_ndims: Sequence[int],
 ) -> Callable:
-    """The host function: flattens any vmap axes, runs the simulator, reshapes."""
+    """The host function: flattens any vmap axes, runs the simulator once per
+    simulation with its own generator, reshapes."""
     n, event = out_shape[0], out_shape[1:]
+    failed = np.dtype(dtype).kind == "f"  # a failure can be NaN (else: raise)
+    warned = []
 
     def call(seeds: np.ndarray, *params: np.ndarray) -> np.ndarray:
         extra = seeds.shape[:-2]  # axes added by vmap (broadcast_all)
@@ -127,24 +145,63 @@ def _make_callback(
             np.asarray(p).reshape(-1, *p.shape[p.ndim - nd + 1 :])
             for p, nd in zip(params, param_ndims, strict=True)
         ]
-        total = seeds.shape[0]
-        if vectorized:
-            rng = np.random.default_rng(np.random.SeedSequence(seeds64.tolist()))
-            out = np.asarray(simulator(rng, *flat))
-        else:
-            out = np.asarray(
-                [
-                    simulator(
-                        np.random.default_rng(int(seeds64[i])), *(p[i] for p in flat)
-                    )
-                    for i in range(total)
-                ]
-            )
-        if out.shape != (total, *event):
-            raise ValueError(
-                f"NumpySimulator: the simulator returned shape {out.shape}, expected "
-                f"{(total, *event)} (a batch of {total}, event_shape {event})."
-            )
-        return out.astype(dtype).reshape(*extra, n, *event)
+        out = np.empty((len(seeds64), *event), dtype)
+        failures = []
+        for i, seed in enumerate(seeds64.tolist()):
+            args = [p[i : i + 1] if vectorized else p[i] for p in flat]
+            try:
+                value = simulator(np.random.default_rng(seed), *args)
+            except Exception as error:
+                if not failed:  # no NaN to mark it with: stop, naming the cause
+                    raise RuntimeError(
+                        f"NumpySimulator: simulator {_name(simulator)!r} raised for "
+                        f"parameters ({_shown(args)}): {type(error).__name__}: "
+                        f"{error}. Its output dtype ({np.dtype(dtype)}) has no NaN "
+                        "to mark a failed simulation: catch the error in the "
+                        "simulator, or return floats."
+                    ) from error
+                failures.append((args, error))
+                out[i] = np.nan
+                continue
+            out[i] = _one_output(value, vectorized, event)
+        if failures and not warned:
+            warned.append(True)
+            _warn_failures(simulator, failures, len(seeds64))
+        return out.reshape(*extra, n, *event)
 
     return call
+
+
+def _one_output(value: Any, vectorized: bool, event: tuple[int, ...]) -> np.ndarray:
+    """One simulation's output (a batch of one when ``vectorized``), checked."""
+    value = np.asarray(value)
+    want = (1, *event) if vectorized else event
+    if value.shape != want:
+        got = "a batch of 1" if vectorized else "one parameter set"
+        raise ValueError(
+            f"NumpySimulator: the simulator returned shape {value.shape} for {got}, "
+            f"expected {want} (event_shape {event})."
+        )
+    return value[0] if vectorized else value
+
+
+def _warn_failures(simulator: Callable, failures: list, total: int) -> None:
+    """One warning naming the simulator and the first failed parameters."""
+    args, error = failures[0]
+    warnings.warn(
+        f"NumpySimulator: simulator {_name(simulator)!r} raised for "
+        f"{len(failures)} of {total} simulation(s) in this call; they count as "
+        "failed (NaN, dropped and counted as invalid). First failure, with "
+        f"parameters ({_shown(args)}): "
+        f"{type(error).__name__}: {error}",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+
+
+def _name(simulator: Callable) -> str:
+    return getattr(simulator, "__qualname__", repr(simulator))
+
+
+def _shown(args: Sequence) -> str:
+    return ", ".join(np.array2string(np.asarray(a), threshold=10) for a in args)

@@ -25,6 +25,7 @@ All functions work on NumPy and JAX arrays alike (and inside ``jit``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -208,39 +209,192 @@ class ObservationLayout(NamedTuple):
                 mask = m if mask is None else mask & m
         return x, mask
 
-    def check_finite(self, data: dict) -> None:
-        """Raise if an observed site holds NaN/inf, or a value outside its support
-        (negative for positive sites, outside [0, 1] for unit-interval sites),
-        where its mask (if any) is True."""
-        for name in self.names:
-            v = np.asarray(data[name])
-            m = data.get(mask_key(name))
+    def check_finite(
+        self, data: dict, supports: dict[str, constraints.Constraint] | None = None
+    ) -> None:
+        """Raise if observed data cannot be network input or lie outside the model.
+
+        Checks, per observed site (entries where its mask, if any, is False are
+        skipped): a numeric dtype; at least one observation along the set plate;
+        a mask of shape ``(*batch, n)``; values finite *after* the cast to float32
+        (what the networks compute in); values inside the site's support. With
+        ``supports`` (``{site: constraint}``, e.g. from ``model.describe()``)
+        every support NumPyro can check is checked, except bounds that are not
+        plain numbers (they may depend on latent values); without it, positive
+        and unit-interval sites are. Warns when a dataset's masks leave no
+        observation at all.
+
+        Raises:
+            TypeError: a complex, string, object or other non-numeric site.
+            ValueError: the rest; the message names the site and the first bad
+                value with its index.
+        """
+        batch = self.batch_shape(data)
+        nb = len(batch)
+        present = None
+        for name, axis in zip(self.names, self.set_axes, strict=True):
+            v = _numeric(name, data[name])
+            if self.is_set and v.shape[nb + axis] == 0:
+                raise ValueError(
+                    f"Observed site '{name}' has no observations: its "
+                    f"'{self.plate}' plate axis has size 0 (shape {v.shape}). Pass "
+                    "at least one observation per dataset."
+                )
+            m = self._mask_of(name, data, v, nb, axis)
             if m is not None:
-                m = np.asarray(m, dtype=bool)
-                m = m.reshape(m.shape + (1,) * (v.ndim - m.ndim))
-            bad = ~np.isfinite(v)
+                present = m if present is None else present & m
+            v32 = _as_float32(v)
+            bad = ~np.isfinite(v32)
             if m is not None:
-                bad &= m
+                bad &= _expand_mask(m, nb, axis, bad.ndim)
             if bad.any():
+                idx, val = _first(bad, v)
                 raise ValueError(
                     f"Observed site '{name}' contains {int(bad.sum())} NaN/inf "
-                    "value(s). Remove them, or mark missing observations with a "
-                    f"boolean '{mask_key(name)}' entry (True = present)."
+                    "value(s) once cast to float32, the precision the networks "
+                    f"compute in (finite means |v| <= {_FLOAT32_MAX:.4g}), e.g. "
+                    f"{val!r} at index "
+                    f"{idx}. Rescale the data (change units), remove the values, or "
+                    f"mark missing observations with a boolean '{mask_key(name)}' "
+                    "entry (True = present)."
                 )
-            kind = self.transform_of(name)
-            if kind == "identity":
-                continue
-            outside = (v < 0) | (v > 1) if kind == "logit" else v < 0
-            if m is not None:
-                outside &= m
-            if outside.any():
-                support = "in [0, 1]" if kind == "logit" else "positive"
-                raise ValueError(
-                    f"Observed site '{name}' has {int(outside.sum())} value(s) "
-                    f"outside its support (the model's distribution is {support}), "
-                    f"e.g. {v[outside].flat[0]!r}. Check the data's units/sign, "
-                    "or change the model's likelihood."
+            support = None if supports is None else supports.get(name)
+            self._check_support(name, v, m, nb, axis, support)
+        if present is not None:
+            empty = ~present.reshape(-1, present.shape[-1]).any(axis=-1)
+            if empty.any():
+                which = [
+                    np.unravel_index(i, batch or (1,)) for i in np.flatnonzero(empty)
+                ]
+                which = [tuple(int(j) for j in w) if batch else () for w in which]
+                warnings.warn(
+                    f"{int(empty.sum())} dataset(s) have no observations (their mask "
+                    f"is False everywhere), at dataset index {which[:10]}"
+                    f"{' ...' if len(which) > 10 else ''}; their posterior is the "
+                    "network's answer to an empty dataset, not a fit to data.",
+                    RuntimeWarning,
+                    stacklevel=4,
                 )
+
+    def _mask_of(
+        self, name: str, data: dict, v: np.ndarray, nb: int, axis: int
+    ) -> np.ndarray | None:
+        """The site's mask as a bool array ``(*batch, n)``, checked, or None."""
+        key = mask_key(name)
+        if key not in data:
+            return None
+        m = np.asarray(data[key])
+        if not (m.dtype == np.bool_ or np.issubdtype(m.dtype, np.integer)):
+            raise TypeError(
+                f"Mask '{key}' has dtype {m.dtype}; pass a boolean array "
+                "(True = observation present)."
+            )
+        if not self.is_set:
+            raise ValueError(
+                f"Mask '{key}' given, but the observed sites {list(self.names)} do "
+                "not share a plate, so there is no set of observations to mask. "
+                "Remove the mask."
+            )
+        want = (*v.shape[:nb], v.shape[nb + axis])
+        if m.shape != want:
+            raise ValueError(
+                f"Mask '{key}' has shape {m.shape}; for observed site '{name}' of "
+                f"shape {v.shape} it must be {want}: the dataset axes, then one "
+                f"entry per observation along the '{self.plate}' plate."
+            )
+        return m.astype(bool)
+
+    def _check_support(
+        self,
+        name: str,
+        v: np.ndarray,
+        m: np.ndarray | None,
+        nb: int,
+        axis: int,
+        support: constraints.Constraint | None,
+    ) -> None:
+        """Raise if a (present) value of ``v`` lies outside ``support``."""
+        kind = self.transform_of(name)
+        boundary = {"log": constraints.nonnegative, "logit": constraints.unit_interval}
+        while isinstance(support, constraints.independent):
+            support = support.base_constraint
+        if support is None or support is constraints.positive:
+            # Values on the boundary of a log/logit site are clipped (see above).
+            support = boundary.get(kind, support)
+        if support is None or not _checkable(support):
+            return
+        ok = np.asarray(support(v), dtype=bool)
+        outside = ~ok
+        if m is not None and nb + axis < outside.ndim:
+            outside &= _expand_mask(m, nb, axis, outside.ndim)
+        if outside.any():
+            idx, val = _first(outside, v)
+            raise ValueError(
+                f"Observed site '{name}' has {int(outside.sum())} value(s) outside "
+                f"its support {support!r}, e.g. {val!r} at index {idx}. Check the "
+                "data's units, sign and type (counts must be non-negative integers), "
+                "or change the model's likelihood."
+            )
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+_EPS32 = float(np.finfo(np.float32).eps)
+
+
+def _is_constant(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """Per feature: spread below float32 resolution at the feature's magnitude
+    (values that differ only by rounding), or under ``1e-30`` (``1 / std`` and
+    the log-scale must stay finite in float32)."""
+    return ~(std > np.maximum(4 * _EPS32 * np.abs(mean), 1e-30))
+
+
+def _numeric(name: str, value: object) -> np.ndarray:
+    """``value`` as a real-valued (bool, integer or float) NumPy array."""
+    v = np.asarray(value)
+    if v.dtype.kind not in "biuf":
+        raise TypeError(
+            f"Observed site '{name}' has dtype {v.dtype}; the networks take real "
+            "numbers (bool, integer or float arrays). Convert the data (e.g. take "
+            "the real part, or parse strings) before passing them."
+        )
+    return v
+
+
+def _as_float32(v: np.ndarray) -> np.ndarray:
+    """Cast to float32 as the networks do (out-of-range values become inf)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return v.astype(np.float32)
+
+
+def _expand_mask(m: np.ndarray, nb: int, axis: int, ndim: int) -> np.ndarray:
+    """``(*batch, n)`` -> broadcastable to an array whose set axis is ``nb + axis``."""
+    tail = ndim - nb - axis - 1
+    return m.reshape(*m.shape[:-1], *(1,) * axis, m.shape[-1], *(1,) * tail)
+
+
+def _first(bad: np.ndarray, v: np.ndarray) -> tuple[tuple[int, ...], object]:
+    """Index of the first True entry of ``bad`` and the value(s) of ``v`` there."""
+    idx = tuple(int(i) for i in np.argwhere(bad)[0])
+    val = np.asarray(v)[idx]
+    return idx, (val.item() if val.ndim == 0 else val.tolist())
+
+
+def _checkable(support: constraints.Constraint) -> bool:
+    """Whether ``support`` can be checked on data whatever the latent values: no
+    dependent constraint, and bounds (if any) that are plain Python numbers (an
+    array bound may be computed from a latent site)."""
+    if constraints.is_dependent(support):
+        return False
+    try:
+        children = support.tree_flatten()[0]
+    except NotImplementedError:
+        return False
+    return all(
+        _checkable(c)
+        if isinstance(c, constraints.Constraint)
+        else isinstance(c, bool | int | float)
+        for c in children
+    )
 
 
 class Standardizer(NamedTuple):
@@ -256,13 +410,20 @@ class Standardizer(NamedTuple):
 
     @classmethod
     def fit(cls, v: np.ndarray, mask: np.ndarray | None = None) -> Standardizer:
-        """Statistics over every axis but the last (entries where ``mask`` holds)."""
+        """Statistics over every axis but the last (entries where ``mask`` holds).
+
+        A feature counts as constant (scale 1, so it passes through shifted) only
+        when its spread is below what float32 resolves at its magnitude
+        (``std <= 4 * eps32 * |mean|``) or too small to divide by in float32: the
+        rule is relative, so data or parameters in small units (1e-7) keep their
+        own scale.
+        """
         v = np.asarray(v, dtype=np.float64).reshape(-1, np.shape(v)[-1])
         if mask is not None:
             v = v[np.asarray(mask, dtype=bool).reshape(-1)]
-        mean = v.mean(axis=0)
-        std = v.std(axis=0)
-        std = np.where(std > 1e-6 * (1 + np.abs(mean)), std, 1.0)
+        mean = v.mean(axis=0) if len(v) else np.zeros(v.shape[-1])
+        std = v.std(axis=0) if len(v) else np.ones(v.shape[-1])
+        std = np.where(_is_constant(mean, std), 1.0, std)
         return cls(jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32))
 
     @classmethod

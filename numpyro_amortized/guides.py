@@ -180,7 +180,7 @@ class AmortizedGuide:
                 "posterior.sample for a batch of datasets."
             )
         if not any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(data)):
-            f.layout.check_finite(data)
+            f.layout.check_finite(data, self.posterior._observed_supports())
         x, mask = f.layout.to_network(data, 0)
         params = self.network_params()
         context = _context(f.graphdef, params, f.rest, f.x_std(x), mask)

@@ -201,6 +201,21 @@ class LatentSpace(NamedTuple):
             )
         return self.flatten(u), log_det
 
+    def in_support(self, values: dict[str, jax.Array]) -> jax.Array:
+        """Whether each draw lies in every site's support, shape ``batch``.
+
+        A draw holding NaN counts as inside (its density stays NaN, not -inf).
+        """
+        self._check_names(values)
+        batch = self._batch_shape(values, unconstrained=False)
+        ok = jnp.ones(batch, dtype=bool)
+        for b in self.blocks:
+            x = jnp.asarray(values[b.name])
+            inside = _all_to_batch(b.support(x), len(batch))
+            nan = _all_to_batch(~jnp.isnan(x), len(batch))
+            ok = ok & (inside | ~nan)
+        return ok
+
     def _check_names(self, values: dict) -> None:
         missing = [n for n in self.names if n not in values]
         if missing:
@@ -214,3 +229,9 @@ def _sum_to_batch(x: jax.Array, batch_ndim: int) -> jax.Array:
     """Sum all axes after the first ``batch_ndim``."""
     x = jnp.asarray(x)
     return x.sum(axis=tuple(range(batch_ndim, x.ndim))) if x.ndim > batch_ndim else x
+
+
+def _all_to_batch(x: jax.Array, batch_ndim: int) -> jax.Array:
+    """``all`` over every axis after the first ``batch_ndim``."""
+    x = jnp.asarray(x, dtype=bool)
+    return x.all(axis=tuple(range(batch_ndim, x.ndim))) if x.ndim > batch_ndim else x
