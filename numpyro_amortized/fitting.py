@@ -32,6 +32,15 @@ from numpyro_amortized.train import (
     make_evaluate,
     make_train_step,
 )
+from numpyro_amortized.validation import (
+    check_bank_for_model,
+    check_count,
+    check_model_structure,
+    check_offline_options,
+    check_online_options,
+    check_training_split,
+    check_varying_for_model,
+)
 
 if TYPE_CHECKING:
     from numpyro_amortized.posterior import AmortizedPosterior
@@ -92,6 +101,28 @@ def fit_offline(
     """Body of :meth:`AmortizedPosterior.fit` (see its docstring)."""
     if (num_simulations is None) == (simulations is None):
         raise ValueError("Pass exactly one of num_simulations= or simulations=.")
+    check_offline_options(
+        num_simulations=num_simulations,
+        num_rounds=num_rounds,
+        batch_size=batch_size,
+        max_epochs=max_epochs,
+        learning_rate=learning_rate,
+        validation_fraction=validation_fraction,
+        patience=patience,
+        checkpoint_every=checkpoint_every,
+        chunk_size=chunk_size,
+    )
+    if isinstance(simulations, DiskBank) and len(simulations) == 0:
+        raise ValueError(f"fit(simulations={simulations!r}): the bank is empty.")
+    model, args, kwargs = post.model, post.model_args, post.model_kwargs
+    if simulations is not None and not isinstance(simulations, DiskBank):
+        check_bank_for_model(simulations, model, args, kwargs)
+    if post._fitted is None:
+        check_model_structure(model, post.summary_net, args, kwargs)
+    if sample_kwargs is not None and simulations is None:
+        check_varying_for_model(
+            jax.random.fold_in(rng_key, 2**30), sample_kwargs, model, args, kwargs
+        )
     settings = {
         "fit": "offline",
         **{k: v for k, v in locals().items() if k in _OFFLINE},
@@ -191,6 +222,7 @@ def train_round(
     f = post._require()
     n = arrays[0].shape[0]
     num_val = int(round(n * validation_fraction)) if validation_fraction else 0
+    check_training_split(n, num_val, validation_fraction, batch_size)
     if batch_size is None:
         num_devices = 1 if parallel is None else parallel.num_devices
         batch_size = default_batch_size(n - num_val, num_devices)
@@ -275,35 +307,33 @@ def run_epochs(
         history.num_steps += steps_per_epoch
         history.num_invalid += int(jnp.sum(infos.num_invalid))
         postfix = {"loss": f"{train_loss:.3f}"}
+        nonfinite = not (
+            np.isfinite(train_loss) and _all_finite(averaged_params(state))
+        )
         if val is not None:
             v = float(evaluate(averaged_params(state), val, jax.random.fold_in(key, 7)))
             history.val_loss.append(v)
             postfix["val_loss"] = f"{v:.3f}"
-            if v < best_val:
+            if v < best_val and not nonfinite:
                 best_val, since_best, improved = v, 0, True
                 best_params = jax.tree.map(jnp.copy, averaged_params(state))
                 history.best_epoch = offset + e
             else:
                 since_best += 1
-        else:
+        elif not nonfinite:  # no validation: the last finite weights
             best_params, improved = averaged_params(state), True
             history.best_epoch = offset + e
         history.wall_time.append(time.perf_counter() - start)
         bar.set_postfix(postfix)
         stop = val is not None and patience is not None and since_best >= patience
-        nonfinite = not np.isfinite(train_loss)
         if checkpoint is not None:
             history.stopped_early |= stop and not nonfinite
             done = stop or nonfinite or e == max_epochs - 1
             pos = Position(checkpoint.round, e, offset, best_val, since_best, done)
             checkpoint.save(post, state, best_params, pos, history, improved=improved)
         if nonfinite:
-            warnings.warn(
-                "Training loss became non-finite; keeping the best weights so "
-                "far. Try a smaller learning_rate.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+            bar.close()
+            _diverged(history, offset + e)
             break
         if stop:
             history.stopped_early = True
@@ -312,6 +342,36 @@ def run_epochs(
     if parallel is not None:
         best_params = gather_to_host_device(best_params)
     post._fitted = f._replace(params=best_params)
+
+
+def _all_finite(tree: Any) -> bool:
+    """Whether every floating-point leaf of ``tree`` is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return bool(jnp.all(jnp.stack(leaves))) if leaves else True
+
+
+def _diverged(history: History, epoch: int) -> None:
+    """Training became non-finite at ``epoch``: warn that the last finite (best)
+    weights are kept, or raise if no epoch of this fit produced any."""
+    if history.best_epoch < 0:
+        raise RuntimeError(
+            f"Training diverged: the loss or the weights became NaN/inf in epoch "
+            f"{epoch + 1}, before any epoch ended with finite weights, so there are "
+            "no trained weights to keep (the posterior keeps the weights it had "
+            "before this fit). Try a smaller learning_rate, or check the "
+            "simulations for extreme values."
+        )
+    warnings.warn(
+        f"Training diverged: the loss or the weights became NaN/inf in epoch "
+        f"{epoch + 1}; keeping the finite weights of epoch {history.best_epoch + 1}. "
+        "Try a smaller learning_rate.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
 
 
 def fit_online(
@@ -332,6 +392,26 @@ def fit_online(
     devices: Any = None,
 ) -> History:
     """Body of :meth:`AmortizedPosterior.fit_online` (see its docstring)."""
+    check_online_options(
+        "fit_online",
+        num_steps=num_steps,
+        batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch,
+        learning_rate=learning_rate,
+        num_validation=num_validation,
+        patience=patience,
+    )
+    check_count(checkpoint_every, "checkpoint_every", "fit_online")
+    check_count(
+        num_effective_simulations,
+        "num_effective_simulations",
+        "fit_online",
+        allow_none=True,
+    )
+    if post._fitted is None:
+        check_model_structure(
+            post.model, post.summary_net, post.model_args, post.model_kwargs
+        )
     settings = {"fit": "online", **{k: v for k, v in locals().items() if k in _ONLINE}}
     checkpoint = Checkpointer.create(
         post, rng_key, checkpoint_dir, checkpoint_every, resume_from, settings

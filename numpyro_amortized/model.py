@@ -21,7 +21,7 @@ from numpyro_amortized.simulate import (
     simulate_fixed,
     split_arguments,
 )
-from numpyro_amortized.sites import SiteInfo, trace_sites
+from numpyro_amortized.sites import SiteInfo, latent_plate_error, trace_sites
 from numpyro_amortized.space import LatentSpace
 from numpyro_amortized.varying import MASK_SUFFIX, simulate_varying
 
@@ -249,6 +249,15 @@ class AmortizedModel:
         """
         if num_simulations < 1:
             raise ValueError(f"num_simulations must be >= 1, got {num_simulations}.")
+        if batch_size is not None and (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int | np.integer)
+            or batch_size < 1
+        ):
+            raise ValueError(
+                "simulate: batch_size (simulations per compiled call) must be an "
+                f"integer >= 1, or None for the default; got {batch_size!r}."
+            )
         for o in self.observed:
             if kwargs.get(o) is not None:
                 raise ValueError(
@@ -261,6 +270,43 @@ class AmortizedModel:
         elif tuple(sites) != self._simulators.names:
             # Site names depend on arguments here: cache by name set.
             self._simulators = SimulatorCache(self.fn, tuple(sites))
+        try:
+            values, info = self._simulate(
+                rng_key,
+                num_simulations,
+                args,
+                kwargs,
+                sites,
+                sample_kwargs=sample_kwargs,
+                batch_size=batch_size,
+                progress=progress,
+                drop_invalid=drop_invalid,
+            )
+        except (
+            jax.errors.ConcretizationTypeError,
+            jax.errors.TracerIntegerConversionError,
+        ) as e:
+            trace, _ = trace_sites(self.fn, self.observed, args, kwargs)
+            name = getattr(self.fn, "__name__", "model")
+            error = latent_plate_error(e, name, trace, self.observed)
+            if error is None:
+                raise
+            raise error from e
+        return (values, info) if return_info else values
+
+    def _simulate(
+        self,
+        rng_key: jax.Array,
+        num_simulations: int,
+        args: tuple,
+        kwargs: dict,
+        sites: dict[str, SiteInfo],
+        *,
+        sample_kwargs: Callable[[jax.Array], dict] | None,
+        batch_size: int | None,
+        progress: bool | None,
+        drop_invalid: bool,
+    ) -> tuple[dict[str, np.ndarray], SimulationInfo]:
         if sample_kwargs is None:
             values, info = simulate_fixed(
                 self._simulators,
@@ -286,7 +332,7 @@ class AmortizedModel:
                 progress=progress,
                 drop_invalid=drop_invalid,
             )
-        return (values, info) if return_info else values
+        return values, info
 
 
 def _shapes(sites: dict[str, SiteInfo]) -> dict[str, tuple[tuple[int, ...], Any]]:

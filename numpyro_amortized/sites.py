@@ -16,11 +16,20 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 import numpyro
+import numpyro.distributions as dist
 from numpyro import handlers
 from numpyro.distributions import constraints
 from numpyro.primitives import Messenger
 
-__all__ = ["PlateInfo", "SiteInfo", "ModelTraceError", "trace_sites", "support_repr"]
+__all__ = [
+    "PlateInfo",
+    "SiteInfo",
+    "ModelTraceError",
+    "base_distribution",
+    "latent_plate_error",
+    "trace_sites",
+    "support_repr",
+]
 
 
 class ModelTraceError(RuntimeError):
@@ -98,12 +107,14 @@ class _SiteRecorder(Messenger):
 
     def __init__(self, fn: Callable | None = None):
         self.current: str | None = None
+        self.current_fn: Any = None
         self.done: list[tuple[str, tuple[int, ...]]] = []
         super().__init__(fn)
 
     def process_message(self, msg: dict) -> None:
         if msg["type"] == "sample":
             self.current = msg["name"]
+            self.current_fn = msg["fn"]
 
     def postprocess_message(self, msg: dict) -> None:
         if msg["type"] == "sample":
@@ -141,6 +152,24 @@ def _sample_site_in_traceback(error: BaseException) -> str | None:
     return name
 
 
+def base_distribution(d: Any) -> Any:
+    """``d`` without its wrappers (``expand``, ``to_event``, ``mask``, ...)."""
+    while hasattr(d, "base_dist"):
+        d = d.base_dist
+    return d
+
+
+def _improper_error(model: str, site: str, d: Any) -> ModelTraceError:
+    return ModelTraceError(
+        f"Site '{site}' of model '{model}' has an improper prior "
+        f"({type(d).__name__}, support {d.support!r}), which cannot be sampled. "
+        "Amortized inference simulates from the prior, so every latent site needs "
+        "a proper distribution: give it one (e.g. dist.Normal(0, 10) or "
+        "dist.Uniform(low, high) for a bounded support). An observed site with "
+        "an improper distribution cannot be simulated either."
+    )
+
+
 def run_trace(fn: Callable, rng_key: jax.Array, args: Sequence, kwargs: dict) -> dict:
     """Run ``fn`` once under seed + trace; on failure raise :class:`ModelTraceError`.
 
@@ -159,6 +188,11 @@ def run_trace(fn: Callable, rng_key: jax.Array, args: Sequence, kwargs: dict) ->
     except Exception as e:
         name = getattr(fn, "__name__", repr(fn))
         current = _sample_site_in_traceback(e) or recorder.current
+        base = base_distribution(recorder.current_fn)
+        if isinstance(e, NotImplementedError) and isinstance(
+            base, dist.ImproperUniform
+        ):
+            raise _improper_error(name, str(recorder.current), base) from e
         where = (
             f"while sampling site '{current}'"
             if current is not None
@@ -231,3 +265,68 @@ def trace_sites(
     rng_key = jax.random.key(0) if rng_key is None else rng_key
     trace = run_trace(fn, rng_key, args, kwargs)
     return trace, sites_from_trace(trace, observed)
+
+
+def _plate_in_traceback(error: BaseException) -> str | None:
+    """Name of the ``numpyro.plate`` being made when ``error`` was raised."""
+    name = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        if frame.f_code is numpyro.primitives.plate.__init__.__code__:
+            name = frame.f_locals.get("name")
+    return name
+
+
+def latent_plate_error(
+    error: BaseException, model: str, trace: dict, observed: Sequence[str]
+) -> ValueError | None:
+    """A clear error for a plate whose size is a latent site's value.
+
+    Inside ``jit`` such a size is a tracer and NumPyro fails with a raw
+    ``ConcretizationTypeError``. ``trace`` is one run of the model (outside
+    ``jit``), used to name the latent site(s) whose value equals the size.
+
+    Returns:
+        The error to raise, or None when ``error`` is not of that kind.
+    """
+    if not isinstance(
+        error,
+        jax.errors.ConcretizationTypeError | jax.errors.TracerIntegerConversionError,
+    ):
+        return None
+    plate = _plate_in_traceback(error)
+    if plate is None:
+        return None
+    size = next(
+        (
+            f.size
+            for site in trace.values()
+            for f in site.get("cond_indep_stack", ())
+            if f.name == plate
+        ),
+        None,
+    )
+    candidates = [
+        n
+        for n, site in trace.items()
+        if site["type"] == "sample"
+        and n not in observed
+        and np.ndim(site["value"]) == 0
+        and size is not None
+        and float(site["value"]) == size
+    ]
+    which = (
+        f"latent site {candidates[0]!r}"
+        if len(candidates) == 1
+        else (
+            f"one of the latent sites {candidates}" if candidates else "a latent site"
+        )
+    )
+    return ValueError(
+        f"The size of plate '{plate}' in model '{model}' comes from {which}, a "
+        "random value: simulation compiles one program for many simulations, so "
+        "plate sizes (and other shapes) must be fixed Python integers. What works: "
+        "make the size a model argument (e.g. def model(n_obs=50, ...): with "
+        "numpyro.plate('obs', n_obs)) and vary it per batch of simulations with "
+        "fit(..., sample_kwargs=lambda key: {'n_obs': ...}) or "
+        "model.simulate(..., sample_kwargs=...); datasets are then padded and masked."
+    )

@@ -10,12 +10,19 @@ drawn, and a boolean mask ``"<site>_mask"`` is added: ``True`` where the value i
 real. The mask covers the site's leading dimensions up to the last one that varied
 (for ``x`` of shape ``(n_obs, 4)`` it has shape ``(num_simulations, max_n_obs)``),
 which is exactly what a set or time-series summary network takes.
+
+A posterior trained on such simulations sees only the observed sites, so an
+argument may vary only if it sets their shapes (``n_obs``: seen through the
+padding and the mask); :func:`check_arguments_seen` refuses any other varying
+argument (e.g. a design matrix drawn per batch), whose posterior would average
+over it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -28,9 +35,20 @@ from numpyro_amortized.simulate import (
     simulate_fixed,
 )
 
-__all__ = ["MASK_SUFFIX", "mask_key", "simulate_varying", "pad_and_mask"]
+__all__ = [
+    "MASK_SUFFIX",
+    "NUM_PROBES",
+    "check_arguments_seen",
+    "mask_key",
+    "pad_and_mask",
+    "simulate_varying",
+    "unseen_arguments",
+]
 
 MASK_SUFFIX = "_mask"
+
+NUM_PROBES = 16
+"""Draws of ``sample_kwargs`` that :func:`check_arguments_seen` compares."""
 
 
 def mask_key(name: str) -> str:
@@ -150,3 +168,121 @@ def simulate_varying(
     )
     report_invalid(info, num_bad if drop_invalid else sum(bad_by_site.values()))
     return out, info
+
+
+def _same(a: Any, b: Any) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape:
+        return False
+    try:
+        return bool(np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"))
+    except TypeError:  # non-numeric values
+        return bool(np.all(a == b))
+
+
+def unseen_arguments(draws: Sequence[dict], seen: Sequence[Hashable]) -> list[str]:
+    """Arguments whose value is not determined by what the networks see.
+
+    Args:
+        draws: several ``sample_kwargs`` draws.
+        seen: for each draw, what the networks see of it: the observed sites'
+            shapes (through padding and masks).
+
+    Returns:
+        Names of arguments that differ between two draws that look the same to
+        the networks (same ``seen``), in order of first appearance.
+    """
+    names = list(dict.fromkeys(k for d in draws for k in d))
+    first: dict[Hashable, dict] = {}
+    unseen = []
+    for d, s in zip(draws, seen, strict=True):
+        ref = first.setdefault(s, d)
+        for n in names:
+            if n in unseen:
+                continue
+            if (n in d) != (n in ref) or (n in d and not _same(d[n], ref[n])):
+                unseen.append(n)
+    return unseen
+
+
+def _changes_nothing_seen(
+    name: str,
+    draws: Sequence[dict],
+    seen0: Hashable,
+    observed_shapes: Callable[[dict], Hashable],
+) -> bool:
+    """Whether changing only ``name`` in the first draw (to another draw's value)
+    leaves the observed shapes as they were (a run that fails counts as seen)."""
+    d0 = draws[0]
+    other = next((d for d in draws if not _same(d.get(name), d0.get(name))), None)
+    if other is None or name not in d0 or name not in other:
+        return False
+    try:
+        return observed_shapes({**d0, name: other[name]}) == seen0
+    except Exception:
+        return False
+
+
+def check_arguments_seen(
+    rng_key: jax.Array,
+    sample_kwargs: Callable[[jax.Array], dict],
+    observed_shapes: Callable[[dict], Hashable],
+    *,
+    observed: Sequence[str],
+    num_probes: int = NUM_PROBES,
+) -> None:
+    """Refuse varying model arguments that the networks would not see.
+
+    An amortized posterior sees only the observed sites. A varying argument that
+    only sets their shapes (e.g. ``n_obs``) is seen, through the padding and the
+    mask; any other (a design matrix, a noise level drawn per batch) is not, and
+    the posterior learned averages over it: for a design matrix, the prior.
+    ``sample_kwargs`` is called with ``num_probes`` keys and each draw's
+    observed shapes are compared.
+
+    Args:
+        rng_key: key for the probe draws.
+        sample_kwargs: ``rng_key -> dict`` of keyword arguments.
+        observed_shapes: ``kwargs -> hashable`` description of the observed
+            sites' shapes for those arguments (traces the model).
+        observed: the observed site names (for the message).
+        num_probes: how many draws to compare.
+
+    Raises:
+        ValueError: naming each argument that varies while the observed shapes
+            stay the same, and what works instead.
+        TypeError: ``sample_kwargs`` does not return a dict.
+    """
+    draws = []
+    for k in jax.random.split(rng_key, num_probes):
+        drawn = sample_kwargs(k)
+        if not isinstance(drawn, dict):
+            raise TypeError(
+                f"sample_kwargs must return a dict of keyword arguments, got {drawn!r}"
+            )
+        draws.append(drawn)
+    names = {n for d in draws for n in d}
+    if all(all(n in d and _same(d[n], draws[0].get(n)) for n in names) for d in draws):
+        return  # nothing varies
+    seen = [observed_shapes(d) for d in draws]
+    unseen = unseen_arguments(draws, seen)
+    unseen += [
+        n
+        for n in sorted(names - set(unseen))
+        if _changes_nothing_seen(n, draws, seen[0], observed_shapes)
+    ]
+    if not unseen:
+        return
+    first = unseen[0]
+    raise ValueError(
+        f"fit(sample_kwargs=...): model argument(s) {unseen} vary between "
+        "simulations, but the networks never see them: they see only the observed "
+        f"sites {list(observed)} (and their shapes, through the padding mask), so "
+        f"the posterior learned would average over {unseen} (for a design matrix, "
+        "it would be the prior). What works: make such an argument data, sampled "
+        f"in the model as an observed site, e.g. numpyro.sample('{first}', "
+        f"dist.Normal(0, 1).expand(shape), obs={first}), listed in "
+        f"amortize(observed=[..., '{first}']) and passed with the data when "
+        "sampling; or keep it fixed (model_kwargs). An argument that only sets the "
+        "size of the observed data (such as n_obs) may vary."
+    )
