@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from numpyro_amortized.checkpoint import Checkpointer, Position
+from numpyro_amortized.checkpoint import Checkpointer
 from numpyro_amortized.disk_bank import DiskBank
+from numpyro_amortized.epoch_loop import run_epochs
 from numpyro_amortized.history import History
-from numpyro_amortized.sharding import data_parallel, gather_to_host_device
+from numpyro_amortized.sharding import data_parallel
 from numpyro_amortized.simulate import make_batch_simulator
 from numpyro_amortized.train import (
     TrainState,
-    averaged_params,
     default_batch_size,
     default_optimizer,
     make_epoch,
@@ -33,19 +31,17 @@ from numpyro_amortized.train import (
     make_train_step,
 )
 from numpyro_amortized.validation import (
-    check_bank_for_model,
     check_count,
+    check_fit_call,
     check_model_structure,
-    check_offline_options,
     check_online_options,
     check_training_split,
-    check_varying_for_model,
 )
 
 if TYPE_CHECKING:
     from numpyro_amortized.posterior import AmortizedPosterior
 
-__all__ = ["fit_offline", "fit_online", "run_epochs", "train_round"]
+__all__ = ["fit_offline", "fit_online", "train_round"]
 
 # The arguments that determine a fit's result: a checkpoint records them and a
 # resume must repeat them (see numpyro_amortized.checkpoint).
@@ -101,28 +97,28 @@ def fit_offline(
     """Body of :meth:`AmortizedPosterior.fit` (see its docstring)."""
     if (num_simulations is None) == (simulations is None):
         raise ValueError("Pass exactly one of num_simulations= or simulations=.")
-    check_offline_options(
-        num_simulations=num_simulations,
-        num_rounds=num_rounds,
-        batch_size=batch_size,
-        max_epochs=max_epochs,
-        learning_rate=learning_rate,
-        validation_fraction=validation_fraction,
-        patience=patience,
-        checkpoint_every=checkpoint_every,
-        chunk_size=chunk_size,
+    check_fit_call(
+        post.model,
+        post.summary_net,
+        post.model_args,
+        post.model_kwargs,
+        rng_key,
+        first_fit=post._fitted is None,
+        simulations=simulations,
+        disk_bank=isinstance(simulations, DiskBank),
+        sample_kwargs=sample_kwargs,
+        options=dict(
+            num_simulations=num_simulations,
+            num_rounds=num_rounds,
+            batch_size=batch_size,
+            max_epochs=max_epochs,
+            learning_rate=learning_rate,
+            validation_fraction=validation_fraction,
+            patience=patience,
+            checkpoint_every=checkpoint_every,
+            chunk_size=chunk_size,
+        ),
     )
-    if isinstance(simulations, DiskBank) and len(simulations) == 0:
-        raise ValueError(f"fit(simulations={simulations!r}): the bank is empty.")
-    model, args, kwargs = post.model, post.model_args, post.model_kwargs
-    if simulations is not None and not isinstance(simulations, DiskBank):
-        check_bank_for_model(simulations, model, args, kwargs)
-    if post._fitted is None:
-        check_model_structure(model, post.summary_net, args, kwargs)
-    if sample_kwargs is not None and simulations is None:
-        check_varying_for_model(
-            jax.random.fold_in(rng_key, 2**30), sample_kwargs, model, args, kwargs
-        )
     settings = {
         "fit": "offline",
         **{k: v for k, v in locals().items() if k in _OFFLINE},
@@ -263,114 +259,6 @@ def train_round(
         progress=progress,
         checkpoint=checkpoint,
         parallel=parallel,
-    )
-
-
-def run_epochs(
-    post: AmortizedPosterior,
-    rng_key: jax.Array,
-    run_epoch: Callable,
-    state: TrainState,
-    val: Any,
-    evaluate: Callable,
-    history: History,
-    start: float,
-    *,
-    max_epochs: int,
-    patience: int | None,
-    steps_per_epoch: int,
-    progress: bool,
-    unit: str = "epoch",
-    checkpoint: Checkpointer | None = None,
-    parallel: Any = None,
-) -> None:
-    """Epoch loop: validation, early stopping, restoring the best weights.
-
-    With ``parallel`` (data-parallel training) the kept weights are gathered back
-    to this process's default device at the end."""
-    f = post._require()
-    best_params, best_val, since_best = f.params, np.inf, 0
-    offset, first = history.num_epochs, 0
-    resumed = None if checkpoint is None else checkpoint.restore(post, state, history)
-    if resumed is not None:  # continue exactly where the checkpoint was written
-        state, best_params, pos = resumed
-        best_val, since_best, offset = pos.best_val, pos.since_best, pos.offset
-        first = max_epochs if pos.done else pos.epoch + 1
-        start = time.perf_counter() - (history.wall_time or [0.0])[-1]
-    bar = tqdm(range(first, max_epochs), desc="fit", unit=unit, disable=not progress)
-    for e in bar:
-        improved = False
-        key = jax.random.fold_in(rng_key, 2 + e)
-        state, infos = run_epoch(state, key)
-        train_loss = float(jnp.mean(infos.loss))
-        history.train_loss.append(train_loss)
-        history.num_steps += steps_per_epoch
-        history.num_invalid += int(jnp.sum(infos.num_invalid))
-        postfix = {"loss": f"{train_loss:.3f}"}
-        nonfinite = not (
-            np.isfinite(train_loss) and _all_finite(averaged_params(state))
-        )
-        if val is not None:
-            v = float(evaluate(averaged_params(state), val, jax.random.fold_in(key, 7)))
-            history.val_loss.append(v)
-            postfix["val_loss"] = f"{v:.3f}"
-            if v < best_val and not nonfinite:
-                best_val, since_best, improved = v, 0, True
-                best_params = jax.tree.map(jnp.copy, averaged_params(state))
-                history.best_epoch = offset + e
-            else:
-                since_best += 1
-        elif not nonfinite:  # no validation: the last finite weights
-            best_params, improved = averaged_params(state), True
-            history.best_epoch = offset + e
-        history.wall_time.append(time.perf_counter() - start)
-        bar.set_postfix(postfix)
-        stop = val is not None and patience is not None and since_best >= patience
-        if checkpoint is not None:
-            history.stopped_early |= stop and not nonfinite
-            done = stop or nonfinite or e == max_epochs - 1
-            pos = Position(checkpoint.round, e, offset, best_val, since_best, done)
-            checkpoint.save(post, state, best_params, pos, history, improved=improved)
-        if nonfinite:
-            bar.close()
-            _diverged(history, offset + e)
-            break
-        if stop:
-            history.stopped_early = True
-            break
-    bar.close()
-    if parallel is not None:
-        best_params = gather_to_host_device(best_params)
-    post._fitted = f._replace(params=best_params)
-
-
-def _all_finite(tree: Any) -> bool:
-    """Whether every floating-point leaf of ``tree`` is finite."""
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    ]
-    return bool(jnp.all(jnp.stack(leaves))) if leaves else True
-
-
-def _diverged(history: History, epoch: int) -> None:
-    """Training became non-finite at ``epoch``: warn that the last finite (best)
-    weights are kept, or raise if no epoch of this fit produced any."""
-    if history.best_epoch < 0:
-        raise RuntimeError(
-            f"Training diverged: the loss or the weights became NaN/inf in epoch "
-            f"{epoch + 1}, before any epoch ended with finite weights, so there are "
-            "no trained weights to keep (the posterior keeps the weights it had "
-            "before this fit). Try a smaller learning_rate, or check the "
-            "simulations for extreme values."
-        )
-    warnings.warn(
-        f"Training diverged: the loss or the weights became NaN/inf in epoch "
-        f"{epoch + 1}; keeping the finite weights of epoch {history.best_epoch + 1}. "
-        "Try a smaller learning_rate.",
-        RuntimeWarning,
-        stacklevel=4,
     )
 
 

@@ -122,7 +122,8 @@ def fit_streaming(
     parallel: DataParallel | None = None,
 ) -> History:
     """Body of :meth:`AmortizedPosterior.fit` for a :class:`DiskBank`."""
-    from numpyro_amortized.fitting import OFFLINE_EMA_DECAY, run_epochs
+    from numpyro_amortized.epoch_loop import run_epochs
+    from numpyro_amortized.fitting import OFFLINE_EMA_DECAY
 
     history = History()
     start = time.perf_counter()

@@ -30,6 +30,7 @@ __all__ = [
     "MIN_VALIDATION_ROWS",
     "check_bank_for_model",
     "check_count",
+    "check_fit_call",
     "check_fraction",
     "check_learning_rate",
     "check_model_structure",
@@ -405,3 +406,37 @@ def check_varying_for_model(
     check_arguments_seen(
         rng_key, sample_kwargs, observed_shapes, observed=model.observed
     )
+
+
+def check_fit_call(
+    model: Any,
+    summary_net: Any,
+    model_args: Sequence,
+    model_kwargs: dict,
+    rng_key: jax.Array,
+    *,
+    first_fit: bool,
+    simulations: Any,
+    disk_bank: bool,
+    sample_kwargs: Any,
+    options: dict[str, Any],
+) -> None:
+    """Every check of ``AmortizedPosterior.fit`` that runs before simulating:
+    the options (:func:`check_offline_options`), the bank (empty, malformed),
+    the model's structure (on the first fit) and the ``sample_kwargs`` the
+    networks would not see."""
+    check_offline_options(**options)
+    if disk_bank and len(simulations) == 0:
+        raise ValueError(f"fit(simulations={simulations!r}): the bank is empty.")
+    if simulations is not None and not disk_bank:
+        check_bank_for_model(simulations, model, model_args, model_kwargs)
+    if first_fit:
+        check_model_structure(model, summary_net, model_args, model_kwargs)
+    if sample_kwargs is not None and simulations is None:
+        check_varying_for_model(
+            jax.random.fold_in(rng_key, 2**30),
+            sample_kwargs,
+            model,
+            model_args,
+            model_kwargs,
+        )

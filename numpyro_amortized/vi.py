@@ -4,7 +4,7 @@ Every optimizer step simulates ``batch_size`` datasets inside the jitted step an
 takes a gradient of the loss of :func:`numpyro_amortized.elbo.elbo_loss_fn` (the
 negative ELBO, optionally mixed with the NPE loss). Validation, early stopping
 and keeping the best weights are those of ``fit_online``
-(:func:`numpyro_amortized.fitting.run_epochs`).
+(:func:`numpyro_amortized.epoch_loop.run_epochs`).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from numpyro_amortized.elbo import check_no_nuisance, elbo_loss_fn
-from numpyro_amortized.fitting import run_epochs
+from numpyro_amortized.epoch_loop import run_epochs
 from numpyro_amortized.history import History
 from numpyro_amortized.simulate import make_batch_simulator
 from numpyro_amortized.train import (

@@ -20,7 +20,7 @@ import numpyro_amortized as na
 from numpyro_amortized import chunked
 from numpyro_amortized import networks as nets
 from numpyro_amortized.data import Standardizer
-from numpyro_amortized.fitting import run_epochs
+from numpyro_amortized.epoch_loop import run_epochs
 from numpyro_amortized.history import History
 from numpyro_amortized.models import gaussian_means
 from numpyro_amortized.posterior import draw_targets
