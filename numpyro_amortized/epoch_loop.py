@@ -88,14 +88,15 @@ def run_epochs(
         history.wall_time.append(time.perf_counter() - start)
         bar.set_postfix(postfix)
         stop = val is not None and patience is not None and since_best >= patience
+        if nonfinite:  # raises, before any checkpoint, if nothing finite to keep
+            bar.close()
+            diverged(history, offset + e)
         if checkpoint is not None:
             history.stopped_early |= stop and not nonfinite
             done = stop or nonfinite or e == max_epochs - 1
             pos = Position(checkpoint.round, e, offset, best_val, since_best, done)
             checkpoint.save(post, state, best_params, pos, history, improved=improved)
         if nonfinite:
-            bar.close()
-            diverged(history, offset + e)
             break
         if stop:
             history.stopped_early = True

@@ -162,10 +162,11 @@ def _fake_epochs(losses: list[float], poison: int | None):
     return run_epoch
 
 
-def _run(post, run_epoch, max_epochs=3):
+def _run(post, run_epoch, max_epochs=3, checkpoint=None):
     f = post._require()
     state = TrainState(f.params, None, jnp.zeros((), jnp.int32))
-    kw = dict(max_epochs=max_epochs, patience=None, steps_per_epoch=1, progress=False)
+    kw = dict(max_epochs=max_epochs, patience=None, steps_per_epoch=1, progress=False,
+              checkpoint=checkpoint)  # fmt: skip
     run_epochs(post, jax.random.key(0), run_epoch, state, None, None, History(),
                time.perf_counter(), **kw)  # fmt: skip
     return post._require().params
@@ -187,6 +188,38 @@ def test_diverging_at_once_raises(flat):
     with pytest.raises(RuntimeError, match="Training diverged.*smaller learning_rate"):
         _run(post, _fake_epochs([np.nan] * 3, poison=0))
     assert post._require().params is before
+
+
+class _RecordingCheckpoint:
+    """Stands in for a ``Checkpointer``: records the positions it is asked to save."""
+
+    round = 0
+
+    def __init__(self):
+        self.saved = []
+
+    def restore(self, *_):
+        return None
+
+    def save(self, post, state, best_params, pos, history, *, improved):
+        self.saved.append(pos)
+
+
+def test_diverging_at_once_writes_no_finished_checkpoint(flat):
+    # A checkpoint marked finished would make resume_from= return the untrained
+    # weights without a word; the error comes first, and nothing is written.
+    post = na.AmortizedPosterior(supported)
+    post._fitted = flat[0]._fitted
+    checkpoint = _RecordingCheckpoint()
+    with pytest.raises(RuntimeError, match="Training diverged"):
+        _run(post, _fake_epochs([1.0, np.nan, np.nan], poison=0), checkpoint=checkpoint)
+    assert checkpoint.saved == []
+    # Diverging later: the finite epoch's checkpoint, then a finished one that
+    # keeps it (the warning's path).
+    checkpoint = _RecordingCheckpoint()
+    with pytest.warns(RuntimeWarning, match="keeping the finite weights of epoch 1"):
+        _run(post, _fake_epochs([1.0, np.nan, np.nan], poison=1), checkpoint=checkpoint)
+    assert [p.done for p in checkpoint.saved] == [False, True]
 
 
 # ------------------------------------------------------------------- item 7
