@@ -39,6 +39,7 @@ from numpyro_amortized.train import (
     make_evaluate,
     make_train_step,
 )
+from numpyro_amortized.validation import check_training_split
 
 if TYPE_CHECKING:
     from numpyro_amortized.checkpoint import Checkpointer
@@ -135,6 +136,8 @@ def fit_streaming(
     if validation_fraction:
         num_val = min(int(round(n * validation_fraction)), MAX_VALIDATION)
     num_train = n - num_val
+    # No rows left to train on: an error; a tiny validation set: a warning.
+    check_training_split(n, num_val, validation_fraction, None)
     if batch_size is None:
         num_devices = 1 if parallel is None else parallel.num_devices
         batch_size = default_batch_size(num_train, num_devices)

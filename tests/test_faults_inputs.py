@@ -262,6 +262,13 @@ def test_small_validation_set_warns(flat_sims):
         fit_flat(flat_sims, max_epochs=1)
 
 
+def test_small_validation_set_of_a_disk_bank_warns(flat_sims, tmp_path):
+    # The streamed path (a DiskBank) splits its bank too: the same warning.
+    bank = na.DiskBank.write(tmp_path / "bank", flat_sims, scalar_mean)
+    with pytest.warns(UserWarning, match=r"validation set has only 20 row"):
+        fit_flat(bank, max_epochs=1)
+
+
 def test_batch_size_larger_than_training_rows_warns(flat_sims):
     with pytest.warns(UserWarning, match=r"batch_size=1000 is larger than the 200"):
         fit_flat(flat_sims, max_epochs=1, batch_size=1000, validation_fraction=0)
