@@ -6,6 +6,7 @@ describes its latent space.
 """
 
 from numpyro_amortized import diagnostics, encoders, networks
+from numpyro_amortized._version import __version__
 from numpyro_amortized.bank import BankMismatchError, load_simulations, save_simulations
 from numpyro_amortized.bayesian_guide import BayesianAmortizedGuide
 from numpyro_amortized.bayesian_sites import bayesian_nnx_module, random_bayesian_module
@@ -27,8 +28,6 @@ from numpyro_amortized.simulate import (
 )
 from numpyro_amortized.sites import ModelTraceError, PlateInfo, SiteInfo
 from numpyro_amortized.space import LatentSpace
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "AmortizedGuide",

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from numpyro_amortized._version import __version__
 from numpyro_amortized.model import AmortizedModel
 from numpyro_amortized.safe_write import atomic_savez
 from numpyro_amortized.varying import MASK_SUFFIX
@@ -97,7 +98,6 @@ def save_simulations(
     Raises:
         FileExistsError: the file exists and ``overwrite`` is False.
     """
-    from numpyro_amortized import __version__
 
     path = Path(path)
     if path.suffix != ".npz":

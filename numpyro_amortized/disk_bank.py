@@ -42,6 +42,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from numpyro_amortized._version import __version__
 from numpyro_amortized.bank import BANK_FORMAT, CorruptBankError, _check, _signature
 from numpyro_amortized.model import AmortizedModel
 from numpyro_amortized.safe_write import (
@@ -237,7 +238,6 @@ class _Writer:
     a crash leaves the previous bank (or nothing) under ``path``, never a mix."""
 
     def __init__(self, path, model, args, kwargs, num_rows, overwrite):
-        from numpyro_amortized import __version__
 
         self.path = Path(path)
         self.overwrite = overwrite

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import numpy as np
 
+from numpyro_amortized._version import __version__
 from numpyro_amortized.bank import BankMismatchError, _check, _signature, digest
 from numpyro_amortized.safe_write import atomic_savez
 from numpyro_amortized.sites import run_trace
@@ -128,7 +129,6 @@ def write_file(
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
-    from numpyro_amortized import __version__
 
     path = Path(path)
     if os.path.lexists(path) and not overwrite:  # fail before encoding; the
@@ -223,7 +223,6 @@ def _check_header(path: Path, header: Any, kinds: tuple[str, ...]) -> None:
 
 
 def _version() -> str:
-    from numpyro_amortized import __version__
 
     return __version__
 
