@@ -76,7 +76,7 @@ class FlowDistribution(dist.Distribution):
 
     def __init__(
         self,
-        flow,
+        flow: nnx.Module,
         context: jax.Array | None,
         shift: jax.Array,
         scale: jax.Array,
