@@ -58,6 +58,7 @@ from numpyro_amortized.shards import (
     check_replaceable,
     check_shard,
     fingerprint_file,
+    is_plain_name,
     read_header,
     read_npy_header,
     shard_file,
@@ -255,10 +256,11 @@ class _Writer:
             "arrays": list(self.sites),
         }
         for name in self.sites:
-            if not isinstance(name, str) or "/" in name or name.startswith("."):
+            if not is_plain_name(name) or name.startswith("."):
                 raise ValueError(
                     f"Site '{name}' cannot be a file name in a disk bank; rename "
-                    "the site (no '/', no leading '.') or use na.save_simulations."
+                    "the site (no '/' or '\\', no leading '.') or use "
+                    "na.save_simulations."
                 )
         for name, site in self.sites.items():
             if np.dtype(site.dtype).kind not in NUMERIC_KINDS:

@@ -62,6 +62,7 @@ def run_epochs(
         first = max_epochs if pos.done else pos.epoch + 1
         start = time.perf_counter() - (history.wall_time or [0.0])[-1]
     bar = tqdm(range(first, max_epochs), desc="fit", unit=unit, disable=not progress)
+    nonfinite = False
     for e in bar:
         improved = False
         key = jax.random.fold_in(rng_key, 2 + e)
@@ -102,6 +103,8 @@ def run_epochs(
             history.stopped_early = True
             break
     bar.close()
+    if first < max_epochs and history.best_epoch < offset and not nonfinite:
+        _nothing_kept(history, max_epochs - first)
     if parallel is not None:
         best_params = gather_to_host_device(best_params)
     post._fitted = f._replace(params=best_params)
@@ -132,6 +135,30 @@ def diverged(history: History, epoch: int) -> None:
         f"Training diverged: the loss or the weights became NaN/inf in epoch "
         f"{epoch + 1}; keeping the finite weights of epoch {history.best_epoch + 1}. "
         "Try a smaller learning_rate.",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+
+
+def _nothing_kept(history: History, num_epochs: int) -> None:
+    """No epoch of this fit was kept: the validation loss never improved on the
+    best so far (a NaN/inf validation loss never does). Raise when no weights
+    were ever kept (they are the untrained ones), else warn."""
+    last = history.val_loss[-1] if history.val_loss else float("nan")
+    what = (
+        f"the validation loss was never finite (last: {last})"
+        if not np.isfinite(min(history.val_loss[-num_epochs:], default=np.nan))
+        else "the validation loss never improved on the best so far"
+    )
+    if history.best_epoch < 0:
+        raise RuntimeError(
+            f"Training kept no epoch: {what}, so the only weights to return are "
+            "the untrained ones. Check the simulations for extreme values (a few "
+            "in the validation split are enough), or pass validation_fraction=0."
+        )
+    warnings.warn(
+        f"No epoch of this fit was kept: {what}; keeping the weights of epoch "
+        f"{history.best_epoch + 1}.",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -15,6 +15,7 @@ which :meth:`AmortizedPosterior.log_prob` evaluates exactly.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -333,25 +334,26 @@ class AmortizedPosterior:
         """
         from numpyro_amortized import fitting
 
-        return fitting.fit_offline(
-            self,
-            rng_key,
-            num_simulations,
-            simulations=simulations,
-            sample_kwargs=sample_kwargs,
-            num_rounds=num_rounds,
-            batch_size=batch_size,
-            max_epochs=max_epochs,
-            learning_rate=learning_rate,
-            validation_fraction=validation_fraction,
-            patience=patience,
-            progress=progress,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume_from=resume_from,
-            devices=devices,
-            chunk_size=chunk_size,
-        )
+        with _restored_on_error(self):
+            return fitting.fit_offline(
+                self,
+                rng_key,
+                num_simulations,
+                simulations=simulations,
+                sample_kwargs=sample_kwargs,
+                num_rounds=num_rounds,
+                batch_size=batch_size,
+                max_epochs=max_epochs,
+                learning_rate=learning_rate,
+                validation_fraction=validation_fraction,
+                patience=patience,
+                progress=progress,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=checkpoint_every,
+                resume_from=resume_from,
+                devices=devices,
+                chunk_size=chunk_size,
+            )
 
     def fit_online(
         self,
@@ -401,22 +403,23 @@ class AmortizedPosterior:
         """
         from numpyro_amortized import fitting
 
-        return fitting.fit_online(
-            self,
-            rng_key,
-            num_steps,
-            batch_size=batch_size,
-            steps_per_epoch=steps_per_epoch,
-            learning_rate=learning_rate,
-            num_validation=num_validation,
-            patience=patience,
-            num_effective_simulations=num_effective_simulations,
-            progress=progress,
-            checkpoint_dir=checkpoint_dir,
-            checkpoint_every=checkpoint_every,
-            resume_from=resume_from,
-            devices=devices,
-        )
+        with _restored_on_error(self):
+            return fitting.fit_online(
+                self,
+                rng_key,
+                num_steps,
+                batch_size=batch_size,
+                steps_per_epoch=steps_per_epoch,
+                learning_rate=learning_rate,
+                num_validation=num_validation,
+                patience=patience,
+                num_effective_simulations=num_effective_simulations,
+                progress=progress,
+                checkpoint_dir=checkpoint_dir,
+                checkpoint_every=checkpoint_every,
+                resume_from=resume_from,
+                devices=devices,
+            )
 
     def fit_elbo(
         self,
@@ -475,20 +478,21 @@ class AmortizedPosterior:
             check_model_structure(
                 self.model, self.summary_net, self.model_args, self.model_kwargs
             )
-        return fit_elbo(
-            self,
-            rng_key,
-            num_steps,
-            num_particles=num_particles,
-            npe_weight=npe_weight,
-            elbo_weight=elbo_weight,
-            batch_size=batch_size,
-            steps_per_epoch=steps_per_epoch,
-            learning_rate=learning_rate,
-            num_validation=num_validation,
-            patience=patience,
-            progress=progress,
-        )
+        with _restored_on_error(self):
+            return fit_elbo(
+                self,
+                rng_key,
+                num_steps,
+                num_particles=num_particles,
+                npe_weight=npe_weight,
+                elbo_weight=elbo_weight,
+                batch_size=batch_size,
+                steps_per_epoch=steps_per_epoch,
+                learning_rate=learning_rate,
+                num_validation=num_validation,
+                patience=patience,
+                progress=progress,
+            )
 
     def as_guide(self, **options: Any) -> Any:
         """This posterior as a NumPyro guide for its model (SVI, ``Predictive``).
@@ -822,6 +826,19 @@ def draw_targets(
         )  # (B, S, D)
         v = v.reshape(*batch, num_samples, v.shape[-1])
     return space.constrain(theta_std.inverse(v))[0]
+
+
+@contextlib.contextmanager
+def _restored_on_error(post: AmortizedPosterior):
+    """A fit that raises (divergence, a bad bank, Ctrl-C) leaves the posterior as
+    it was before the fit: on a first fit, not fitted, rather than holding the
+    untrained networks it had just built."""
+    before, history = post._fitted, post.history
+    try:
+        yield
+    except BaseException:
+        post._fitted, post.history = before, history
+        raise
 
 
 def _check_num_samples(num_samples: Any) -> None:

@@ -52,8 +52,8 @@ def partial_path(path: Path, kind: str = "partial") -> Path:
 
 
 def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
+    if pid == os.getpid() or os.name != "posix":
+        return True  # elsewhere os.kill(pid, 0) is no liveness test: keep it
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,7 +137,11 @@ def _link_new(tmp: Path, path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except FileExistsError:
         raise exists_error(path) from None
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        path.unlink(missing_ok=True)  # give the reserved name back
+        raise
 
 
 def atomic_write(

@@ -25,6 +25,7 @@ __all__ = [
     "HEADER_FILE",
     "NUMERIC_KINDS",
     "check_name",
+    "is_plain_name",
     "check_replaceable",
     "check_shard",
     "fingerprint_file",
@@ -41,9 +42,9 @@ _BLOCK = 1 << 16  # fingerprint: this many bytes ...
 _NUM_BLOCKS = 16  # ... at this many evenly spaced offsets
 
 
-def check_name(folder: Path, name: Any) -> None:
-    """Refuse array names that are not a plain file name inside the bank."""
-    ok = (
+def is_plain_name(name: Any) -> bool:
+    """Whether ``name`` is a plain file name (no folder part, not ``.``/``..``)."""
+    return (
         isinstance(name, str)
         and name not in ("", ".", "..")
         and "/" not in name
@@ -53,7 +54,11 @@ def check_name(folder: Path, name: Any) -> None:
         and (os.sep not in name)
         and (os.altsep is None or os.altsep not in name)
     )
-    if not ok:
+
+
+def check_name(folder: Path, name: Any) -> None:
+    """Refuse array names that are not a plain file name inside the bank."""
+    if not is_plain_name(name):
         raise CorruptBankError(
             f"{folder / HEADER_FILE} names an array {name!r} that is not a plain "
             "file name inside the bank folder; refusing to read it. The bank is "

@@ -113,7 +113,7 @@ def check_offline_options(
     check_count(max_epochs, "max_epochs", where)
     check_learning_rate(learning_rate, where)
     check_fraction(validation_fraction, "validation_fraction", where)
-    check_count(patience, "patience", where)
+    check_count(patience, "patience", where, allow_none=True)
     check_count(checkpoint_every, "checkpoint_every", where)
     check_count(chunk_size, "chunk_size", where, allow_none=True)
 

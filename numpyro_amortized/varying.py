@@ -266,6 +266,15 @@ def check_arguments_seen(
         return  # nothing varies
     seen = [observed_shapes(d) for d in draws]
     unseen = unseen_arguments(draws, seen)
+    # Only a size is seen (through padding and the mask), and a size is a scalar:
+    # a varying array (covariates whose length follows n_obs) is never seen, even
+    # when no two probes happened to draw the same size.
+    unseen += [
+        n
+        for n in sorted(names - set(unseen))
+        if any(np.ndim(d.get(n)) > 0 for d in draws)
+        and not all(_same(d.get(n), draws[0].get(n)) for d in draws)
+    ]
     unseen += [
         n
         for n in sorted(names - set(unseen))

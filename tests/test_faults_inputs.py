@@ -135,6 +135,56 @@ def test_varying_argument_the_networks_do_not_see_is_refused():
     assert "observed=[..., 'X']" in str(e.value) and "n_obs" in str(e.value)
 
 
+@pytest.mark.parametrize(
+    "seed",
+    [
+        1,
+        pytest.param(2, marks=pytest.mark.slow),
+        pytest.param(3, marks=pytest.mark.slow),
+    ],
+)  # ~15 s each: 16 probe traces of new shapes
+def test_varying_design_whose_length_sets_the_plate_is_refused(seed):
+    # X sets the plate size too, so X's length is seen; X's values are not. With
+    # sizes from a wide range no two probes share a size: still refused, whatever
+    # the key (before this rule, these keys let it through).
+    post = tiny_posterior(regression, model_kwargs={"X": np.ones((10, 2))})
+
+    def draw_design(key):
+        k1, k2 = jax.random.split(key)
+        n = int(jax.random.randint(k1, (), 5, 500))
+        return {"X": np.asarray(jax.random.normal(k2, (n, 2)))}
+
+    with pytest.raises(ValueError, match=r"\['X'\] vary"):
+        post.fit(
+            jax.random.key(seed),
+            num_simulations=64,
+            sample_kwargs=draw_design,
+            max_epochs=1,
+            progress=False,
+        )
+
+
+def test_first_fit_that_diverges_leaves_the_posterior_unfitted(flat_sims):
+    # No untrained network is left behind to sample from after the error.
+    post = tiny_posterior(scalar_mean)
+    with pytest.raises(RuntimeError, match="Training diverged"):
+        post.fit(
+            jax.random.key(1),
+            simulations=flat_sims,
+            learning_rate=1e30,
+            validation_fraction=0,
+            max_epochs=2,
+            progress=False,
+        )
+    assert not post.is_fitted and post.history is None
+    with pytest.raises(na.NotFittedError):
+        post.sample(jax.random.key(0), {"x": np.zeros(2)}, 10)
+
+
+def test_fit_accepts_patience_none(flat_sims):
+    fit_flat(flat_sims, max_epochs=1, patience=None, validation_fraction=0)
+
+
 @na.amortize(observed=["x"])
 def noisy_means(n_obs=10, noise=1.0, x=None):
     mu = numpyro.sample("mu", dist.Normal(0.0, 1.0))

@@ -222,6 +222,24 @@ def test_diverging_at_once_writes_no_finished_checkpoint(flat):
     assert [p.done for p in checkpoint.saved] == [False, True]
 
 
+def _nan_loss(*_):
+    return jnp.nan
+
+
+def test_a_validation_loss_that_is_never_finite_keeps_nothing_untrained(flat):
+    # Training stays finite, the validation loss is NaN every epoch: no epoch is
+    # ever "better", and before, the untrained weights came back without a word.
+    post = na.AmortizedPosterior(supported)
+    post._fitted = flat[0]._fitted
+    f = post._require()
+    state = TrainState(f.params, None, jnp.zeros((), jnp.int32))
+    run_epoch = _fake_epochs([1.0, 1.0, 1.0], poison=None)
+    kw = dict(max_epochs=3, patience=2, steps_per_epoch=1, progress=False)
+    with pytest.raises(RuntimeError, match="validation loss was never finite"):
+        run_epochs(post, jax.random.key(0), run_epoch, state, "val", _nan_loss,
+                   History(), time.perf_counter(), **kw)  # fmt: skip
+
+
 # ------------------------------------------------------------------- item 7
 def test_values_beyond_float32_are_refused(flat):
     post, sims = flat

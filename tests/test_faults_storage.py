@@ -414,3 +414,39 @@ def test_loading_with_another_model_of_the_same_sites_warns(post, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         na.load(tmp_path / "old.npa", model=model_b)
+
+
+@na.amortize(observed=["x"])
+def backslash_site(x=None):
+    mu = numpyro.sample("a\\b", dist.Normal(0.0, 1.0))
+    numpyro.sample("x", dist.Normal(mu, 1.0).expand([3]).to_event(1), obs=x)
+
+
+def test_writer_refuses_a_name_the_reader_refuses_before_replacing(tmp_path):
+    # Before, "a\b" was written and swapped in, and only reopening it failed:
+    # the good bank it replaced was gone.
+    path = tmp_path / "bank"
+    write_bank(path)
+    sims = {"a\\b": np.zeros(4, np.float32), "x": np.zeros((4, 3), np.float32)}
+    with pytest.raises(ValueError, match=r"Site 'a\\b' cannot be a file name"):
+        na.DiskBank.write(path, sims, backslash_site, overwrite=True)
+    assert len(na.DiskBank.open(path)) == 50
+
+
+def test_reserved_name_is_given_back_when_the_rename_fails(tmp_path, monkeypatch):
+    # Without hard links the final name is reserved with O_EXCL, then filled by
+    # a rename; a failed rename must not leave an empty file under that name.
+    tmp, path = tmp_path / "tmp", tmp_path / "final.npa"
+    tmp.write_bytes(b"content")
+
+    def no_link(*_):
+        raise PermissionError("no hard links here")
+
+    def failing_replace(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "link", no_link)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        safe_write._link_new(tmp, path)
+    assert not path.exists() and tmp.read_bytes() == b"content"
