@@ -55,6 +55,17 @@ def fit_bank(bank, **kwargs):
     return post.fit(jax.random.key(1), simulations=bank, progress=False, **kwargs)
 
 
+def fit_varying(post, draw, seed=0):
+    """One tiny fit with model arguments drawn per batch by ``draw``."""
+    return post.fit(
+        jax.random.key(seed),
+        num_simulations=64,
+        sample_kwargs=draw,
+        max_epochs=1,
+        progress=False,
+    )
+
+
 # ------------------------------------------------- structure answered wrongly
 @na.amortize(observed=["y"])
 def eight_schools(sigma=1.0, y=None):
@@ -125,13 +136,7 @@ def test_varying_argument_the_networks_do_not_see_is_refused():
         return {"X": np.asarray(jax.random.normal(key, (10, 2)))}
 
     with pytest.raises(ValueError, match=r"\['X'\] vary.*never see") as e:
-        post.fit(
-            jax.random.key(0),
-            num_simulations=64,
-            sample_kwargs=draw_design,
-            max_epochs=1,
-            progress=False,
-        )
+        fit_varying(post, draw_design)
     assert "observed=[..., 'X']" in str(e.value) and "n_obs" in str(e.value)
 
 
@@ -155,13 +160,7 @@ def test_varying_design_whose_length_sets_the_plate_is_refused(seed):
         return {"X": np.asarray(jax.random.normal(k2, (n, 2)))}
 
     with pytest.raises(ValueError, match=r"\['X'\] vary"):
-        post.fit(
-            jax.random.key(seed),
-            num_simulations=64,
-            sample_kwargs=draw_design,
-            max_epochs=1,
-            progress=False,
-        )
+        fit_varying(post, draw_design, seed=seed)
 
 
 def test_first_fit_that_diverges_leaves_the_posterior_unfitted(flat_sims):
@@ -200,13 +199,7 @@ def test_varying_scalar_beside_a_varying_size_is_refused():
 
     post = tiny_posterior(noisy_means, summary_net=SET)
     with pytest.raises(ValueError, match=r"\['noise'\] vary"):
-        post.fit(
-            jax.random.key(0),
-            num_simulations=64,
-            sample_kwargs=draw,
-            max_epochs=1,
-            progress=False,
-        )
+        fit_varying(post, draw)
 
 
 def test_varying_scalar_is_refused_when_every_size_differs():
